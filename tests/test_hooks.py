@@ -1,0 +1,219 @@
+"""capture / edit_site / add_to_site on a real (tiny, random) diffusers FluxPipeline."""
+
+import pytest
+import torch
+from conftest import generate
+
+from fluxsae import add_to_site, capture, edit_site
+from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+
+IMG = "transformer_blocks.1.image"
+TXT = "single_transformer_blocks.0.text"
+N_IMG, N_TXT, D = 16, TINY_GENERATION["max_sequence_length"], 32
+
+
+def test_capture_shapes_and_step_metadata(tiny_pipe):
+    with capture(tiny_pipe, [IMG, TXT]) as acts:
+        generate(tiny_pipe)
+    assert acts[IMG].shape == (4, 1, N_IMG, D)
+    assert acts[TXT].shape == (4, 1, N_TXT, D)
+    assert acts.steps == [0, 1, 2, 3]
+    sig = acts.sigmas
+    assert sig[0] == pytest.approx(1.0) and torch.all(sig[1:] < sig[:-1])
+    assert set(acts) == {IMG, TXT}
+
+
+def test_streams_are_picked_by_name(tiny_pipe):
+    """The image stream after the last double block is exactly what the first single block receives."""
+    seen = []
+    block = tiny_pipe.transformer.single_transformer_blocks[0]
+    h = block.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].clone(), kw["encoder_hidden_states"].clone())),
+        with_kwargs=True,
+    )
+    try:
+        with capture(tiny_pipe, [IMG, "transformer_blocks.1.text"]) as acts:
+            generate(tiny_pipe)
+    finally:
+        h.remove()
+    for step, (img, txt) in enumerate(seen):
+        assert torch.equal(acts[IMG][step, 0], img[0])
+        assert torch.equal(acts["transformer_blocks.1.text"][step, 0], txt[0])
+
+
+def test_step_selection_matches_full_capture(tiny_pipe):
+    with capture(tiny_pipe, IMG) as full:
+        generate(tiny_pipe)
+    with capture(tiny_pipe, IMG, steps=[0, 2]) as some:
+        generate(tiny_pipe)
+    assert some.steps == [0, 2]
+    assert torch.equal(some[IMG], full[IMG][[0, 2]])
+    with capture(tiny_pipe, IMG, steps=range(10, 12)) as none:
+        generate(tiny_pipe)
+    with pytest.raises(KeyError, match="none of its steps matched"):
+        none[IMG]
+    with pytest.raises(ValueError, match="negative"):
+        with capture(tiny_pipe, IMG, steps=[-1]):
+            pass
+
+
+def test_batches_and_images_per_prompt(tiny_pipe):
+    with capture(tiny_pipe, IMG) as acts:
+        generate(tiny_pipe, prompt=["a red circle", "a blue square"], num_images_per_prompt=2)
+    assert acts[IMG].shape == (4, 4, N_IMG, D)
+    # Rows are prompt-major: the two images of one prompt differ only by their noise.
+    assert not torch.equal(acts[IMG][:, 0], acts[IMG][:, 1])
+
+
+def test_two_generations_in_one_block_concatenate_along_batch(tiny_pipe):
+    with capture(tiny_pipe, IMG) as acts:
+        generate(tiny_pipe, seed=0)
+        generate(tiny_pipe, seed=1)
+    with capture(tiny_pipe, IMG) as one:
+        generate(tiny_pipe, seed=1)
+    assert acts.n_generations == 2 and acts[IMG].shape == (4, 2, N_IMG, D)
+    assert torch.equal(acts[IMG][:, 1], one[IMG][:, 0])
+
+
+def test_single_step_generations_are_not_mistaken_for_cfg(tiny_pipe):
+    with capture(tiny_pipe, IMG) as acts:
+        generate(tiny_pipe, seed=0, num_inference_steps=1)
+        generate(tiny_pipe, seed=1, num_inference_steps=1)
+    assert acts[IMG].shape == (1, 2, N_IMG, D)
+
+
+def test_true_cfg_records_the_chosen_pass(tiny_pipe):
+    """At step 0 the latents are the same, so the cond pass of a CFG run equals a plain run on the
+    prompt, and the uncond pass a plain run on the negative prompt."""
+    cfg = dict(true_cfg_scale=3.0, negative_prompt="a blue square")
+    with capture(tiny_pipe, IMG, steps=[0]) as cond:
+        generate(tiny_pipe, **cfg)
+    with capture(tiny_pipe, IMG, steps=[0], cfg_pass="uncond") as uncond:
+        generate(tiny_pipe, **cfg)
+    with capture(tiny_pipe, IMG, steps=[0]) as plain_pos:
+        generate(tiny_pipe, prompt="a red circle")
+    with capture(tiny_pipe, IMG, steps=[0]) as plain_neg:
+        generate(tiny_pipe, prompt="a blue square")
+    assert torch.equal(cond[IMG], plain_pos[IMG])
+    assert torch.equal(uncond[IMG], plain_neg[IMG])
+    assert uncond.cfg_pass == "uncond"
+    with capture(tiny_pipe, IMG, cfg_pass="uncond") as all_steps:
+        generate(tiny_pipe, **cfg)
+    assert all_steps.steps == [0, 1, 2, 3]
+
+
+def test_capture_under_model_cpu_offload():
+    pipe = tiny_flux_pipeline()
+    with capture(pipe, IMG) as plain:
+        clean = generate(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    with capture(pipe, IMG) as offloaded:
+        out = generate(pipe)
+    assert torch.allclose(offloaded[IMG], plain[IMG], atol=1e-6)
+    assert torch.allclose(out, clean, atol=1e-6)
+    # Not a constant vector: the next block's LayerNorm would remove a uniform shift entirely.
+    with add_to_site(pipe, IMG, torch.randn(D, generator=torch.Generator().manual_seed(0)), strength=1.0):
+        steered = generate(pipe)
+    assert not torch.allclose(steered, clean, atol=1e-3)
+
+
+def test_storage_dtype(tiny_pipe):
+    with capture(tiny_pipe, IMG, dtype=torch.bfloat16) as acts:
+        generate(tiny_pipe)
+    assert acts[IMG].dtype == torch.bfloat16 and acts[IMG].device.type == "cpu"
+
+
+def test_bad_sites_fail_before_generation(tiny_pipe):
+    with pytest.raises(ValueError, match="valid indices 0-1"):
+        with capture(tiny_pipe, ["transformer_blocks.5.image"]):
+            pass
+    with pytest.raises(ValueError, match="at least one site"):
+        with capture(tiny_pipe, []):
+            pass
+    with pytest.raises(ValueError, match="'cond' or 'uncond'"):
+        with capture(tiny_pipe, IMG, cfg_pass="both"):
+            pass
+
+
+def test_strength_zero_is_bit_exact_noop(tiny_pipe):
+    clean = generate(tiny_pipe)
+    with add_to_site(tiny_pipe, IMG, torch.randn(D), strength=0.0):
+        same = generate(tiny_pipe)
+    assert torch.equal(same, clean)
+    with add_to_site(tiny_pipe, IMG, torch.randn(D), strength=0.5):
+        steered = generate(tiny_pipe)
+    assert not torch.allclose(steered, clean, atol=1e-4)
+
+
+def test_addition_lands_on_chosen_tokens_and_steps(tiny_pipe):
+    v = torch.randn(D)
+    region = torch.zeros(N_IMG, dtype=torch.bool)
+    region[[5, 6, 9, 10]] = True  # the central 2x2 of the 4x4 token grid
+    with capture(tiny_pipe, IMG) as clean:
+        generate(tiny_pipe)
+    with add_to_site(tiny_pipe, IMG, v, strength=2.0, steps=[0], tokens=region):
+        with capture(tiny_pipe, IMG) as edited:  # registered after the edit: sees the edited output
+            generate(tiny_pipe)
+    diff = edited[IMG][0, 0] - clean[IMG][0, 0]
+    assert torch.allclose(diff[region], (2.0 * v).expand(4, D), atol=1e-5)
+    assert torch.equal(diff[~region], torch.zeros(N_IMG - 4, D))
+    # Later steps differ only through the changed latents, never by the vector itself.
+    assert not torch.allclose(edited[IMG][1] - clean[IMG][1], 2.0 * v, atol=1e-2)
+
+
+def test_token_indices_and_bad_regions(tiny_pipe):
+    with add_to_site(tiny_pipe, IMG, torch.ones(D), tokens=[0, 1], steps=[0]):
+        with capture(tiny_pipe, IMG, steps=[0]) as acts:
+            generate(tiny_pipe)
+    with capture(tiny_pipe, IMG, steps=[0]) as clean:
+        generate(tiny_pipe)
+    changed = (acts[IMG] != clean[IMG]).any(-1)[0, 0]
+    assert changed.nonzero().flatten().tolist() == [0, 1]
+    with pytest.raises(ValueError, match="16 entries"):
+        with add_to_site(tiny_pipe, IMG, torch.ones(D), tokens=torch.ones(5, dtype=torch.bool)):
+            generate(tiny_pipe)
+    with pytest.raises(ValueError, match="0-15"):
+        with add_to_site(tiny_pipe, IMG, torch.ones(D), tokens=[99]):
+            generate(tiny_pipe)
+    with pytest.raises(ValueError, match="width 32"):
+        with add_to_site(tiny_pipe, IMG, torch.ones(7)):
+            generate(tiny_pipe)
+    with pytest.raises(ValueError, match="NaN"):
+        with add_to_site(tiny_pipe, IMG, torch.full((D,), float("nan"))):
+            pass
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _explode_at_step_1(pipe, step, timestep, kwargs):
+    if step == 1:
+        raise Boom("interrupted mid-generation")
+    return kwargs
+
+
+def test_exception_mid_generation_leaves_pipeline_untouched(tiny_pipe):
+    fresh = generate(tiny_flux_pipeline(seed=0))
+    with pytest.raises(Boom):
+        with add_to_site(tiny_pipe, IMG, torch.ones(D), strength=3.0):
+            with capture(tiny_pipe, [IMG, TXT]):
+                generate(tiny_pipe, callback_on_step_end=_explode_at_step_1)
+    # A failing edit function is an exception raised inside a hook.
+    with pytest.raises(ValueError, match="must keep the shape"):
+        with edit_site(tiny_pipe, TXT, lambda h, step: h[:, :1]):
+            generate(tiny_pipe)
+    assert torch.equal(generate(tiny_pipe), fresh)
+    for block in [*tiny_pipe.transformer.transformer_blocks, *tiny_pipe.transformer.single_transformer_blocks]:
+        assert not block._forward_hooks and not block._forward_pre_hooks
+    assert not tiny_pipe.transformer._forward_pre_hooks
+
+
+def test_edit_site_replaces_the_stream(tiny_pipe):
+    """Zeroing the text stream after the last single block cannot change the image (text tokens
+    are dropped there), while zeroing the image stream must."""
+    clean = generate(tiny_pipe)
+    with edit_site(tiny_pipe, "single_transformer_blocks.1.text", lambda h, step: torch.zeros_like(h)):
+        assert torch.equal(generate(tiny_pipe), clean)
+    with edit_site(tiny_pipe, "single_transformer_blocks.1.image", lambda h, step: torch.zeros_like(h), steps=[3]):
+        assert not torch.equal(generate(tiny_pipe), clean)
