@@ -20,6 +20,15 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # pragma: no cover - safetensors comes with diffusers
+    SafetensorError = OSError
+
+# What a bad folder or cache raises: OSError from diffusers and huggingface_hub (missing or
+# malformed files, offline), SafetensorError from transformers' loader (truncated weights).
+_LOAD_ERRORS = (OSError, SafetensorError)
+
 SHAPES = "shapes"
 NF4_BLOCKSIZE = 64
 
@@ -52,7 +61,8 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         if not (path / "model_index.json").is_file():
             raise PipelineLoadError(
                 f"{path} is not a diffusers pipeline folder: it has no model_index.json. Pass the folder "
-                f"that `FluxPipeline.save_pretrained` wrote, or a Hub id like 'black-forest-labs/FLUX.1-schnell'."
+                f"that `FluxPipeline.save_pretrained` wrote, or a Hub id like "
+                f"'black-forest-labs/FLUX.1-schnell'."
             )
         return str(path), True
     if str(name_or_path).count("/") != 1:
@@ -61,6 +71,37 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, bool]:
             f"(or 'shapes' for the packaged model)."
         )
     return str(name_or_path), False
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode. It reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE)
+    once, at import time, so the environment alone can disagree with what it actually does."""
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:
+        pass
+    return any(
+        os.environ.get(var, "0").strip().lower() not in ("0", "", "false", "no", "off")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _unreadable_weights(folder: Path) -> list[str]:
+    """The safetensors files under `folder` whose header does not parse or does not cover the file
+    (transformers raises a bare `SafetensorError` that names no file)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # any failure to open means the file is unusable
+            bad.append(f"{f} ({e})")
+    return bad
 
 
 def load_pipeline(
@@ -85,22 +126,30 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source, local = _resolve_source(name_or_path)
-    kwargs = dict(torch_dtype=dtype, revision=revision)
+    kwargs = dict(dtype=dtype, revision=revision)  # `torch_dtype` is deprecated in diffusers >= 0.36
     try:
         if quantize == "nf4" and device.type == "cuda":
             pipe = _load_nf4_cuda(source, dtype, kwargs)
         else:
             pipe = FluxPipeline.from_pretrained(source, **kwargs)
-    except OSError as e:
+    except _LOAD_ERRORS as e:
         if local:
-            raise PipelineLoadError(f"Could not load the pipeline in {source}: {e}") from e
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            bad = _unreadable_weights(Path(source))
+            which = f" Unreadable weight files (truncated or corrupt): {'; '.join(bad)}." if bad else ""
+            reason = str(e).strip().rstrip(".")
+            raise PipelineLoadError(f"Could not load the pipeline in {source}: {reason}.{which}") from e
+        if not isinstance(e, OSError):
+            raise PipelineLoadError(
+                f"The cached files of {source!r} are unreadable ({e}); download them again with "
+                f"`hf download {source} --force-download`."
+            ) from e
         hint = (
-            "HF_HUB_OFFLINE is set, so only the local cache is used: download it first on a machine "
-            "with network (`huggingface-cli download " + source + "`) or unset HF_HUB_OFFLINE."
-            if offline
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so only the local cache is used: download it "
+            "first on a machine "
+            f"with network (`hf download {source}`) or unset HF_HUB_OFFLINE."
+            if _hub_offline()
             else "Check the id and your network, and for gated models (FLUX.1-dev) accept the licence "
-            "and log in with `huggingface-cli login`."
+            "and log in with `hf auth login`."
         )
         raise PipelineLoadError(f"Could not load {source!r} from the Hugging Face Hub. {hint} ({e})") from e
 
@@ -126,7 +175,9 @@ def _load_nf4_cuda(source: str, dtype: torch.dtype, kwargs: dict):
     text_encoder_2 = T5EncoderModel.from_pretrained(
         source, subfolder="text_encoder_2", quantization_config=TransformersBnbConfig(**nf4), **kwargs
     )
-    return FluxPipeline.from_pretrained(source, transformer=transformer, text_encoder_2=text_encoder_2, **kwargs)
+    return FluxPipeline.from_pretrained(
+        source, transformer=transformer, text_encoder_2=text_encoder_2, **kwargs
+    )
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -137,7 +188,7 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _move(pipe, device: torch.device) -> None:
     """Move each component; bitsandbytes-quantised CUDA components are already placed and cannot move."""
-    for name, component in pipe.components.items():
+    for component in pipe.components.values():
         if isinstance(component, nn.Module):
             if _is_quantized(component) and device.type == "cuda":
                 continue
@@ -169,7 +220,9 @@ def quantize_linear_nf4_(module: nn.Module, compute_dtype: torch.dtype = torch.f
                 device="cpu",
             )
             weight = child.weight.detach().to("cpu", torch.float32)
-            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
+            q.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE
+            )
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.detach().to("cpu", compute_dtype), requires_grad=False)
             q = q.to("cpu")  # Params4bit quantises when placed on a device
