@@ -1,0 +1,168 @@
+"""The Gradio app: `run` on the tiny pipeline, then the real UI in headless Chromium."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
+
+import app  # noqa: E402
+from fluxsae.testing import TINY_GENERATION  # noqa: E402
+
+# Two steps instead of four: same code paths, half the CPU time.
+FAST = {**TINY_GENERATION, "num_inference_steps": 2}
+IMAGE_SITE, TEXT_SITE = "transformer_blocks.1.image", "single_transformer_blocks.0.text"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _hooks(pipe) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pipe.transformer.modules())
+
+
+def test_run_returns_image_overlay_and_stats(shared_tiny_pipe):
+    image, heat, stats = app.run(shared_tiny_pipe, "a red circle", 0, IMAGE_SITE, 1, FAST)
+    assert image.size == (32, 32) and heat.size == (32, 32)
+    assert "mean token norm" in stats and "4x4 grid" in stats
+    shown = app.to_display(heat)
+    assert shown.size == (384, 384)  # 12x with NEAREST: each source pixel a flat 12 px square
+    assert len({tuple(p) for p in np.asarray(shown)[12:24, 12:24].reshape(-1, 3)}) == 1
+
+    # Empty prompt, an over-long prompt and a text-stream site all generate.
+    image2, heat2, stats2 = app.run(shared_tiny_pipe, "", 3, TEXT_SITE, 0, FAST)
+    assert image2.size == (32, 32) and heat2 is None
+    assert "12 text tokens" in stats2 and "no position on the image" in stats2
+    image3, _, _ = app.run(shared_tiny_pipe, "red circle " * 5000, 3, IMAGE_SITE, -1, FAST)
+    assert image3.size == (32, 32)
+    assert _hooks(shared_tiny_pipe) == 0
+
+
+@pytest.mark.parametrize(
+    "seed, match",
+    [(-1, "whole number"), (1.5, "whole number"), (2**40, "whole number"), ("abc", "whole number"),
+     (None, "whole number"), (float("nan"), "whole number")],
+)  # fmt: skip
+def test_bad_seed_is_a_clear_error_before_any_generation(shared_tiny_pipe, seed, match):
+    with pytest.raises(ValueError, match=match):
+        app.run(shared_tiny_pipe, "a red circle", seed, IMAGE_SITE, 0, FAST)
+
+
+def test_bad_site_and_step_are_clear_errors(shared_tiny_pipe):
+    with pytest.raises(ValueError, match="out of range"):
+        app.run(shared_tiny_pipe, "x", 0, "transformer_blocks.9.image", 0, FAST)
+    with pytest.raises(ValueError, match="step must be a whole number from 0 to 1"):
+        app.run(shared_tiny_pipe, "x", 0, IMAGE_SITE, 2, FAST)
+
+
+def test_failure_inside_generation_leaves_the_pipeline_unchanged(tiny_pipe):
+    before = app.run(tiny_pipe, "a blue square", 7, IMAGE_SITE, 1, FAST)
+
+    def explode(module, args, output):
+        raise RuntimeError("boom inside the transformer")
+
+    handle = tiny_pipe.transformer.single_transformer_blocks[0].register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            app.run(tiny_pipe, "a blue square", 7, IMAGE_SITE, 1, FAST)
+    finally:
+        handle.remove()
+    assert _hooks(tiny_pipe) == 0  # capture's hooks went with the exception
+
+    after = app.run(tiny_pipe, "a blue square", 7, IMAGE_SITE, 1, FAST)
+    assert np.array_equal(np.asarray(before[0]), np.asarray(after[0]))
+    assert np.array_equal(np.asarray(before[1]), np.asarray(after[1]))
+
+
+def test_generation_defaults_per_model(shared_tiny_pipe):
+    assert app.generation_defaults("tiny", shared_tiny_pipe) == TINY_GENERATION
+    shapes = app.generation_defaults("shapes", shared_tiny_pipe)
+    assert (shapes["height"], shapes["width"]) == (64, 64) and shapes["guidance_scale"] == 0.0
+    schnell = app.generation_defaults("black-forest-labs/FLUX.1-schnell", shared_tiny_pipe)
+    assert schnell["num_inference_steps"] == 4 and schnell["max_sequence_length"] == 256
+    assert app.default_site(shared_tiny_pipe) == "transformer_blocks.1.image"
+
+
+def test_missing_shapes_model_falls_back_to_the_tiny_pipeline(monkeypatch, caplog):
+    def missing(*args, **kwargs):
+        raise app.PipelineLoadError("The packaged Shapes model is missing.")
+
+    monkeypatch.setattr(app.fluxsae, "load_pipeline", missing)
+    pipe, name, note = app.load_app_pipeline("shapes")
+    assert name == "tiny" and "not installed" in note and "missing" in caplog.text
+    with pytest.raises(app.PipelineLoadError):
+        app.load_app_pipeline("someone/not-there")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served_app(tiny_pipe):
+    """The app on the tiny pipeline, served on a free localhost port; yields its URL."""
+    demo = app.build_demo(tiny_pipe, "tiny", note=app.FALLBACK_NOTE, defaults=FAST)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser
+def test_app_in_a_real_browser(served_app, tiny_pipe, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("FLUXSAE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (FLUXSAE_REQUIRE_BROWSER=1).")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(served_app)
+            expect(page.locator("#note")).to_contain_text("not installed")
+            page.locator("#prompt textarea").fill("a red circle")
+            page.locator("#generate").click()
+            expect(page.locator("#stats")).to_contain_text("mean token norm", timeout=60_000)
+            expect(page.locator("#stats")).to_contain_text("transformer_blocks.1.image")
+            expect(page.locator("#image img[src]")).to_be_visible()
+            expect(page.locator("#heatmap img[src]")).to_be_visible()
+
+            # A failure inside generation shows an error, and the next request works.
+            def explode(module, args, output):
+                raise RuntimeError("boom inside the transformer")
+
+            handle = tiny_pipe.transformer.single_transformer_blocks[0].register_forward_hook(explode)
+            try:
+                page.locator("#generate").click()
+                expect(page.locator(".toast-body").first).to_contain_text("boom inside the transformer")
+            finally:
+                handle.remove()
+            page.locator("#seed input").fill("-5")
+            page.locator("#generate").click()
+            expect(page.locator(".toast-body").first).to_contain_text("less than minimum")
+            page.locator("#seed input").fill("3")
+
+            page.locator("#site input").click()
+            page.get_by_role("option", name="single_transformer_blocks.1.image").click()
+            page.locator("#generate").click()
+            expect(page.locator("#stats")).to_contain_text(
+                "single_transformer_blocks.1.image", timeout=60_000
+            )
+            expect(page.locator("#stats")).to_contain_text("seed 3")
+            expect(page.locator("#heatmap img[src]")).to_be_visible()
+            page.locator(".toast-close").first.click()  # dismiss the error toasts before the screenshot
+            expect(page.locator(".toast-body")).to_have_count(0)
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+        finally:
+            browser.close()
