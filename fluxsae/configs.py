@@ -34,6 +34,8 @@ def meta_transformer(repo_id: str = "black-forest-labs/FLUX.1-schnell"):
     try:
         cfg = FLUX1_TRANSFORMER_CONFIGS[repo_id]
     except KeyError:
-        raise KeyError(f"No stored config for {repo_id!r}; known: {sorted(FLUX1_TRANSFORMER_CONFIGS)}.") from None
+        raise KeyError(
+            f"No stored config for {repo_id!r}; known: {sorted(FLUX1_TRANSFORMER_CONFIGS)}."
+        ) from None
     with torch.device("meta"):
         return FluxTransformer2DModel.from_config(cfg)

@@ -224,7 +224,9 @@ def edit_site(
             if new is h:
                 return None
             if new.shape != h.shape:
-                raise ValueError(f"An edit of {site} must keep the shape {tuple(h.shape)}, got {tuple(new.shape)}.")
+                raise ValueError(
+                    f"An edit of {site} must keep the shape {tuple(h.shape)}, got {tuple(new.shape)}."
+                )
             out = list(output)
             out[site.output_position] = new.to(h.dtype)
             return tuple(out)
@@ -247,7 +249,9 @@ def token_index(tokens: torch.Tensor | Sequence[int] | None, n_tokens: int) -> t
         return t.flatten().nonzero().flatten()
     t = t.flatten().long()
     if t.numel() and (t.min() < 0 or t.max() >= n_tokens):
-        raise ValueError(f"Token indices must lie in 0-{n_tokens - 1}, got {t.min().item()}-{t.max().item()}.")
+        raise ValueError(
+            f"Token indices must lie in 0-{n_tokens - 1}, got {t.min().item()}-{t.max().item()}."
+        )
     return t
 
 

@@ -62,7 +62,9 @@ def parse_site(site: str | Site) -> Site:
     if isinstance(site, Site):
         return site
     if not isinstance(site, str):
-        raise SiteError(f"A site must be a string like 'transformer_blocks.18.image', got {type(site).__name__}.")
+        raise SiteError(
+            f"A site must be a string like 'transformer_blocks.18.image', got {type(site).__name__}."
+        )
     m = _SITE_RE.match(site.strip())
     if m is None:
         raise SiteError(
@@ -71,7 +73,9 @@ def parse_site(site: str | Site) -> Site:
         )
     kind, stream = m["kind"], m["stream"]
     if kind not in BLOCK_KINDS:
-        raise SiteError(f"Unknown block kind {kind!r} in site {site!r}: choose one of {', '.join(BLOCK_KINDS)}.")
+        raise SiteError(
+            f"Unknown block kind {kind!r} in site {site!r}: choose one of {', '.join(BLOCK_KINDS)}."
+        )
     if stream not in STREAMS:
         raise SiteError(f"Unknown stream {stream!r} in site {site!r}: choose one of {', '.join(STREAMS)}.")
     return Site(kind, int(m["index"]), stream)  # type: ignore[arg-type]

@@ -24,8 +24,13 @@ TINY_WORDS = (
     "small", "large", "on", "in", "at", "background", "cat", "dog", "photo", "of",
 )  # fmt: skip
 
-TINY_GENERATION = {"height": 32, "width": 32, "num_inference_steps": 4, "max_sequence_length": 12,
-                   "guidance_scale": 0.0}
+TINY_GENERATION = {
+    "height": 32,
+    "width": 32,
+    "num_inference_steps": 4,
+    "max_sequence_length": 12,
+    "guidance_scale": 0.0,
+}
 """Call arguments the tiny pipeline is built for: 32x32 images -> 8x8 latents -> 4x4 = 16 image
 tokens, and 12 text tokens (a different count, so a stream mix-up shows in the shapes)."""
 

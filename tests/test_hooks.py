@@ -204,7 +204,10 @@ def test_exception_mid_generation_leaves_pipeline_untouched(tiny_pipe):
         with edit_site(tiny_pipe, TXT, lambda h, step: h[:, :1]):
             generate(tiny_pipe)
     assert torch.equal(generate(tiny_pipe), fresh)
-    for block in [*tiny_pipe.transformer.transformer_blocks, *tiny_pipe.transformer.single_transformer_blocks]:
+    for block in [
+        *tiny_pipe.transformer.transformer_blocks,
+        *tiny_pipe.transformer.single_transformer_blocks,
+    ]:
         assert not block._forward_hooks and not block._forward_pre_hooks
     assert not tiny_pipe.transformer._forward_pre_hooks
 
@@ -215,5 +218,7 @@ def test_edit_site_replaces_the_stream(tiny_pipe):
     clean = generate(tiny_pipe)
     with edit_site(tiny_pipe, "single_transformer_blocks.1.text", lambda h, step: torch.zeros_like(h)):
         assert torch.equal(generate(tiny_pipe), clean)
-    with edit_site(tiny_pipe, "single_transformer_blocks.1.image", lambda h, step: torch.zeros_like(h), steps=[3]):
+    with edit_site(
+        tiny_pipe, "single_transformer_blocks.1.image", lambda h, step: torch.zeros_like(h), steps=[3]
+    ):
         assert not torch.equal(generate(tiny_pipe), clean)

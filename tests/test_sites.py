@@ -14,8 +14,11 @@ def test_parse_round_trip():
     assert parse_site("single_transformer_blocks.9.text").output_position == 0
 
 
-@given(kind=st.sampled_from(["transformer_blocks", "single_transformer_blocks"]),
-       index=st.integers(0, 10_000), stream=st.sampled_from(["image", "text"]))
+@given(
+    kind=st.sampled_from(["transformer_blocks", "single_transformer_blocks"]),
+    index=st.integers(0, 10_000),
+    stream=st.sampled_from(["image", "text"]),
+)
 def test_str_parse_is_identity(kind, index, stream):
     s = Site(kind, index, stream)
     assert parse_site(str(s)) == s
@@ -76,8 +79,12 @@ def test_flux1_schnell_geometry_on_meta_device():
     assert site_dim(transformer, "transformer_blocks.18.image") == 3072
     assert str(sites[-1]) == "single_transformer_blocks.37.text"
     # The reference work's four sites all exist.
-    for s in ["transformer_blocks.18.image", "transformer_blocks.9.image",
-              "single_transformer_blocks.9.image", "single_transformer_blocks.18.image"]:
+    for s in [
+        "transformer_blocks.18.image",
+        "transformer_blocks.9.image",
+        "single_transformer_blocks.9.image",
+        "single_transformer_blocks.18.image",
+    ]:
         validate_site(transformer, s)
     with pytest.raises(SiteError, match="valid indices 0-18"):
         validate_site(transformer, "transformer_blocks.19.image")

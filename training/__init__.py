@@ -1,0 +1,1 @@
+"""Command-line programs that make fluxsae's models, activations and dictionaries."""

@@ -1,0 +1,387 @@
+"""Train the Shapes model from scratch on CPU and save it as a stock diffusers FluxPipeline.
+
+    python -m training.shapes_model                   # -> fluxsae/shapes/model
+    python -m training.shapes_model --out /tmp/m --vae-steps 200 --dit-steps 200   # a quick try
+
+Three stages, each seeded and resumable (checkpoints are written atomically every
+`--checkpoint-every` steps into `--work`; run the same command again after a kill):
+  1. the VAE (AutoencoderKL, x4 down-sampling: 64x64 images -> 16x16x4 latents -> 8x8 tokens);
+  2. the latent statistics (scaling_factor / shift_factor: diffusers' defaults are wrong here);
+  3. the transformer (FluxTransformer2DModel) with both text encoders (tiny CLIP and T5), trained
+     jointly by flow matching exactly as FluxPipeline samples: sigma in [0, 1],
+     x_t = (1 - sigma) x0 + sigma noise, target noise - x0, prompts through `pipe.encode_prompt`
+     with the fixed `max_sequence_length` of GENERATION_DEFAULTS (FLUX gives T5 no attention mask,
+     so training and sampling must pad to the same length).
+Every batch is a pure function of (seed, step), so a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fluxsae import shapes
+from fluxsae.fileio import atomic_path, load_tensors, save_tensors, write_json
+from fluxsae.pipelines import shapes_model_dir
+from fluxsae.testing import flux_components
+
+logger = logging.getLogger("training.shapes_model")
+
+
+@dataclass(frozen=True)
+class ShapesModelConfig:
+    """Architecture and schedule of the Shapes model (saved beside it as training_config.json)."""
+
+    seed: int = 0
+    """Seeds initialisation and every batch."""
+    vae_steps: int = 1500
+    """VAE optimisation steps."""
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    """Tiny: the latents must keep the crisp edges that tell a small square from a circle."""
+    latent_scenes: int = 40_000
+    """Scenes encoded once by the trained VAE and reused by the transformer stage."""
+    dit_steps: int = 3000
+    dit_batch: int = 64
+    dit_lr: float = 5e-4
+    dit_warmup: int = 200
+    ema_decay: float = 0.999
+    empty_prompt_rate: float = 0.05
+    """Share of captions replaced by "" so the model also learns the unconditional distribution."""
+    text_dim: int = 64
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    num_layers: int = 4
+    num_single_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+
+
+def build_components(cfg: ShapesModelConfig) -> dict:
+    return flux_components(
+        shapes.vocabulary(),
+        seed=cfg.seed,
+        clip_dim=cfg.text_dim,
+        t5_dim=cfg.text_dim,
+        text_layers=cfg.text_layers,
+        clip_max_length=shapes.GENERATION_DEFAULTS["max_sequence_length"],
+        vae_channels=cfg.vae_channels,
+        latent_channels=cfg.latent_channels,
+        num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        axes_dims_rope=cfg.axes_dims_rope,
+    )
+
+
+def images_tensor(scenes) -> torch.Tensor:
+    """[n, 3, 64, 64] in [-1, 1], as the VAE sees images."""
+    arr = np.stack([np.asarray(shapes.render(s), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def batch_scenes(seed: int, stage: int, step: int, n: int):
+    # Distinct, reproducible seeds per (stage, step): a resumed run draws the same batches.
+    return shapes.sample_scenes(n, seed=seed * 1_000_003 + stage * 100_003 + step)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, step: int, modules: dict, optimizer, extra: dict | None = None) -> None:
+    # clone: tied weights (T5 shares its embedding) would otherwise share storage, which safetensors refuses.
+    tensors = {
+        f"model/{name}/{k}": v.clone() for name, m in modules.items() for k, v in m.state_dict().items()
+    }
+    meta = {"step": step, **(extra or {})}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for pid, state in opt["state"].items():
+            for k, v in state.items():
+                tensors[f"optim/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        meta["param_groups"] = opt["param_groups"]
+    save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer) -> dict:
+    tensors, meta = load_tensors(path)
+    for name, m in modules.items():
+        prefix = f"model/{name}/"
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if optimizer is not None:
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(vae, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, device: str) -> None:
+    ckpt = work / "vae.safetensors"
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    start = 0
+    if ckpt.exists():
+        start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"]
+        logger.info("VAE: resuming at step %d", start)
+    if start >= cfg.vae_steps:
+        return
+    vae.train()
+    log = open(work / "vae_log.jsonl", "a")
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="VAE", smoothing=0.05)
+    for step in bar:
+        x = images_tensor(batch_scenes(cfg.seed, 1, step, cfg.vae_batch)).to(device)
+        torch.manual_seed(cfg.seed * 7919 + step)
+        lr = cfg.vae_lr * min(1.0, 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)) + 0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{mse.item():.5f}")
+            log.write(json.dumps({"step": step, "mse": mse.item(), "lr": lr}) + "\n")
+            log.flush()
+        if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            save_checkpoint(ckpt, step + 1, {"vae": vae}, opt)
+    log.close()
+
+
+# ----------------------------------------------------------------------------- stage 2: latents
+
+
+@torch.no_grad()
+def encode_latents(
+    vae, cfg: ShapesModelConfig, work: Path, device: str
+) -> tuple[torch.Tensor, list[str], float, float]:
+    """Encode `latent_scenes` scenes once; returns (latents [n, c, 16, 16], captions, shift, scale)."""
+    path = work / "latents.safetensors"
+    scenes = shapes.sample_scenes(cfg.latent_scenes, seed=cfg.seed * 1_000_003 + 2 * 100_003)
+    captions = [shapes.caption(s) for s in scenes]
+    if path.exists():
+        tensors, meta = load_tensors(path)
+        return tensors["latents"], captions, meta["shift"], meta["scale"]
+    vae.eval()
+    chunks = []
+    for i in tqdm(range(0, len(scenes), 256), desc="latents"):
+        chunks.append(vae.encode(images_tensor(scenes[i : i + 256]).to(device)).latent_dist.mode().cpu())
+    latents = torch.cat(chunks)
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    save_tensors(path, {"latents": latents}, {"shift": shift, "scale": scale})
+    return latents, captions, shift, scale
+
+
+# ----------------------------------------------------------------------------- stage 3: transformer
+
+
+class EMA:
+    """Exponential moving average of parameters (the saved model uses the averaged weights)."""
+
+    def __init__(self, modules: dict, decay: float):
+        self.decay = decay
+        self.shadow = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name, m in modules.items():
+            for p_ema, p in zip(self.shadow[name].parameters(), m.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - d)
+
+
+def train_transformer(
+    pipe, latents, captions, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, device: str
+) -> dict:
+    from diffusers import FluxPipeline
+
+    modules = {
+        "transformer": pipe.transformer,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMA(modules, cfg.ema_decay)
+    ckpt = work / "transformer.safetensors"
+    start = 0
+    if ckpt.exists():
+        start = load_checkpoint(ckpt, {**modules, **{f"ema_{k}": v for k, v in ema.shadow.items()}}, opt)[
+            "step"
+        ]
+        logger.info("transformer: resuming at step %d", start)
+    if start >= cfg.dit_steps:
+        return ema.shadow
+    for m in modules.values():
+        m.train()
+    n, c, h, w = latents.shape
+    max_len = shapes.GENERATION_DEFAULTS["max_sequence_length"]
+    img_ids = FluxPipeline._prepare_latent_image_ids(cfg.dit_batch, h // 2, w // 2, device, torch.float32)
+    log = open(work / "transformer_log.jsonl", "a")
+    bar = tqdm(
+        range(start, cfg.dit_steps), initial=start, total=cfg.dit_steps, desc="transformer", smoothing=0.05
+    )
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
+        idx = torch.randint(0, n, (cfg.dit_batch,), generator=g)
+        drop = torch.rand(cfg.dit_batch, generator=g) < cfg.empty_prompt_rate
+        prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        x0 = FluxPipeline._pack_latents(latents[idx], cfg.dit_batch, c, h, w)
+        noise = torch.randn(x0.shape, generator=g)
+        # Half uniform, half logit-normal: the high-noise steps decide the layout.
+        sigma = torch.where(
+            torch.rand(cfg.dit_batch, generator=g) < 0.5,
+            torch.rand(cfg.dit_batch, generator=g),
+            torch.sigmoid(torch.randn(cfg.dit_batch, generator=g)),
+        )
+        x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
+        s = sigma.view(-1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        lr = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.dit_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompts, None, device=device, max_sequence_length=max_len
+        )
+        v = pipe.transformer(
+            hidden_states=x_t, timestep=sigma, pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids, img_ids=img_ids, guidance=None, return_dict=False,
+        )[0]  # fmt: skip
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(modules, step)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr}) + "\n")
+            log.flush()
+        if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.dit_steps:
+            save_checkpoint(
+                ckpt, step + 1, {**modules, **{f"ema_{k}": v for k, v in ema.shadow.items()}}, opt
+            )
+    log.close()
+    return ema.shadow
+
+
+# ----------------------------------------------------------------------------- assembling
+
+
+@torch.no_grad()
+def quick_eval(pipe, n: int, seed: int) -> dict:
+    """read_attributes accuracy on `n` generated one- and two-object scenes (a fast check)."""
+    scenes = shapes.sample_scenes(n, seed=seed, held_out="include")
+    read = []
+    for i in range(0, n, 25):
+        chunk = scenes[i : i + 25]
+        g = torch.Generator(pipe.device).manual_seed(seed + i)
+        images = pipe([shapes.caption(s) for s in chunk], generator=g, **shapes.GENERATION_DEFAULTS).images
+        read += [shapes.read_attributes(im) for im in images]
+    return shapes.attribute_accuracy(scenes, read)
+
+
+@torch.no_grad()
+def vae_eval(vae, n: int, seed: int) -> dict:
+    """read_attributes accuracy on VAE reconstructions: the ceiling the transformer can reach."""
+    from PIL import Image
+
+    scenes = shapes.sample_scenes(n, seed=seed, held_out="include")
+    device = next(vae.parameters()).device
+    recon = vae.decode(vae.encode(images_tensor(scenes).to(device)).latent_dist.mode()).sample
+    arr = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return shapes.attribute_accuracy(scenes, [shapes.read_attributes(Image.fromarray(a)) for a in arr])
+
+
+def main(argv=None) -> None:
+    defaults = ShapesModelConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=shapes_model_dir(), help="where the FluxPipeline folder goes")
+    p.add_argument("--work", type=Path, default=Path("runs/shapes_model"), help="checkpoints and logs")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--eval-scenes", type=int, default=200)
+    p.add_argument("--device", default="cpu", help="cpu (the shipped model) or cuda (quick recipe checks)")
+    for name in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ShapesModelConfig(
+        **{
+            k: getattr(args, k)
+            for k in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch")
+        }
+    )
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    saved_cfg = work / "config.json"
+    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        raise SystemExit(
+            f"{work} holds a run with another config ({saved_cfg}); pass another --work or delete it."
+        )
+    write_json(saved_cfg, asdict(cfg))
+
+    from diffusers import FluxPipeline
+
+    t0 = time.time()
+    components = build_components(cfg)
+    for m in components.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(args.device)
+    train_vae(components["vae"], cfg, work, args.checkpoint_every, args.device)
+    components["vae"].eval().requires_grad_(False)
+    latents, captions, shift, scale = encode_latents(components["vae"], cfg, work, args.device)
+    latents = (latents - shift) * scale
+    components["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
+    pipe = FluxPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    ema = train_transformer(pipe, latents, captions, cfg, work, args.checkpoint_every, args.device)
+    for name, module in ema.items():
+        getattr(pipe, name).load_state_dict(module.state_dict())
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval().requires_grad_(False)
+    minutes = (time.time() - t0) / 60
+
+    report = {"train_minutes_this_run": round(minutes, 1)}
+    if args.eval_scenes:
+        report["vae_eval"] = vae_eval(pipe.vae, args.eval_scenes, seed=987_654)
+        report["quick_eval"] = quick_eval(pipe, args.eval_scenes, seed=987_654)
+    pipe.to("cpu")
+    with atomic_path(args.out, is_dir=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_json(
+            tmp / "training_config.json",
+            {"config": asdict(cfg), "report": report, "command": "python -m training.shapes_model"},
+        )
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
+    print(json.dumps({**report, "saved_to": str(args.out), "size_mb": round(size, 1)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
