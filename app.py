@@ -47,9 +47,6 @@ FALLBACK_NOTE = (
     "(its images are noise: use it to try the interface)."
 )
 
-# Used when fluxsae.shapes is not importable yet: the arguments the Shapes model is trained for.
-_SHAPES_FALLBACK = {"height": 64, "width": 64, "num_inference_steps": 8, "max_sequence_length": 32,
-                    "guidance_scale": 0.0}  # fmt: skip
 # FLUX.1-schnell is timestep-distilled: 4 steps, no guidance, T5 limited to 256 tokens.
 _SCHNELL = {"height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 256,
             "guidance_scale": 0.0}  # fmt: skip
@@ -63,11 +60,8 @@ def generation_defaults(name: str, pipe) -> dict:
     if name == TINY:
         return dict(TINY_GENERATION)
     if name == SHAPES:
-        try:
-            from fluxsae.shapes import GENERATION_DEFAULTS
-        except ImportError:
-            logger.warning("fluxsae.shapes is not importable; using built-in Shapes generation defaults.")
-            return dict(_SHAPES_FALLBACK)
+        from fluxsae.shapes import GENERATION_DEFAULTS
+
         return dict(GENERATION_DEFAULTS)
     config = getattr(getattr(pipe, "transformer", None), "config", None)
     return dict(_DEV if getattr(config, "guidance_embeds", False) else _SCHNELL)

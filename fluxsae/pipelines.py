@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-try:
-    from safetensors import SafetensorError
-except ImportError:  # pragma: no cover - safetensors comes with diffusers
-    SafetensorError = OSError
 
 # What a bad folder or cache raises: OSError from diffusers and huggingface_hub (missing or
 # malformed files, offline), SafetensorError from transformers' loader (truncated weights).
