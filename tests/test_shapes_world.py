@@ -1,5 +1,6 @@
 """The Shapes world: sampling, rendering, captions, per-token labels and reading scenes back from pixels."""
 
+import inspect
 import itertools
 import re
 
@@ -57,8 +58,13 @@ def test_constants_are_as_specified():
                          "bottom left", "bottom", "bottom right")
     assert dict(BACKGROUNDS) == {"black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
     assert (IMAGE_SIZE, TOKEN_GRID, PATCH) == (64, 8, 8)
-    assert dict(GENERATION_DEFAULTS) == {"height": 64, "width": 64, "num_inference_steps": 8,
-                                             "max_sequence_length": 32, "guidance_scale": 0.0}
+    # Every key is a FluxPipeline call argument; the image is the trained 64 px; captions fit the length.
+    from diffusers import FluxPipeline
+
+    assert set(GENERATION_DEFAULTS) <= set(inspect.signature(FluxPipeline.__call__).parameters)
+    assert (GENERATION_DEFAULTS["height"], GENERATION_DEFAULTS["width"]) == (64, 64)
+    longest = max(len(caption(s).split()) for s in sample_scenes(2000, seed=5, n_objects=2))
+    assert longest + 1 <= GENERATION_DEFAULTS["max_sequence_length"]  # + </s>
     with pytest.raises(TypeError):
         GENERATION_DEFAULTS["height"] = 512
     # Colours must stay far apart from each other and from every background to be readable.

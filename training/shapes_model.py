@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ class ShapesModelConfig:
 
     seed: int = 0
     """Seeds initialisation and every batch."""
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     """VAE optimisation steps."""
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -53,15 +54,23 @@ class ShapesModelConfig:
     """Tiny: the latents must keep the crisp edges that tell a small square from a circle."""
     latent_scenes: int = 40_000
     """Scenes encoded once by the trained VAE and reused by the transformer stage."""
-    dit_steps: int = 3000
+    two_object_rate: float = 0.7
+    """Share of two-object scenes among them (the world draws half): binding two objects is the hard
+    part, one object is learnt early."""
+    dit_steps: int = 3200
     dit_batch: int = 64
-    dit_lr: float = 5e-4
+    dit_lr: float = 1e-3
+    dit_weight_decay: float = 0.01
     dit_warmup: int = 200
+    schedule_sigma_rate: float = 0.3
+    """Share of each batch trained at exactly the sigmas that `num_inference_steps` samples at; the
+    rest is half uniform, half logit-normal."""
     ema_decay: float = 0.999
-    empty_prompt_rate: float = 0.05
-    """Share of captions replaced by "" so the model also learns the unconditional distribution."""
-    text_dim: int = 64
-    text_layers: int = 2
+    empty_prompt_rate: float = 0.1
+    """Share of captions replaced by "" so the model also learns the unconditional distribution
+    (classifier-free guidance, GENERATION_DEFAULTS["true_cfg_scale"], needs it)."""
+    text_dim: int = 128
+    text_layers: int = 3
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
     num_layers: int = 4
@@ -180,7 +189,10 @@ def encode_latents(
 ) -> tuple[torch.Tensor, list[str], float, float]:
     """Encode `latent_scenes` scenes once; returns (latents [n, c, 16, 16], captions, shift, scale)."""
     path = work / "latents.safetensors"
-    scenes = shapes.sample_scenes(cfg.latent_scenes, seed=cfg.seed * 1_000_003 + 2 * 100_003)
+    n_two = round(cfg.latent_scenes * cfg.two_object_rate)
+    seed = cfg.seed * 1_000_003 + 2 * 100_003
+    scenes = shapes.sample_scenes(cfg.latent_scenes - n_two, seed=seed, n_objects=1)
+    scenes += shapes.sample_scenes(n_two, seed=seed + 1, n_objects=2)
     captions = [shapes.caption(s) for s in scenes]
     if path.exists():
         tensors, meta = load_tensors(path)
@@ -209,8 +221,24 @@ class EMA:
     def update(self, modules: dict, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for name, m in modules.items():
-            for p_ema, p in zip(self.shadow[name].parameters(), m.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - d)
+            torch._foreach_lerp_(list(self.shadow[name].parameters()), list(m.parameters()), 1 - d)
+
+
+def inference_sigmas() -> torch.Tensor:
+    """The sigmas FluxPipeline evaluates the transformer at with GENERATION_DEFAULTS (no shift)."""
+    steps = shapes.GENERATION_DEFAULTS["num_inference_steps"]
+    return torch.from_numpy(np.linspace(1.0, 1 / steps, steps)).float()
+
+
+def sample_sigmas(cfg: ShapesModelConfig, g: torch.Generator) -> torch.Tensor:
+    # Half uniform, half logit-normal (the high-noise steps decide the layout), and optionally a
+    # share at exactly the sampling schedule's sigmas.
+    n = cfg.dit_batch
+    uniform, logit_normal = torch.rand(n, generator=g), torch.sigmoid(torch.randn(n, generator=g))
+    sigma = torch.where(torch.rand(n, generator=g) < 0.5, uniform, logit_normal)
+    grid = inference_sigmas()
+    on_grid = torch.rand(n, generator=g) < cfg.schedule_sigma_rate
+    return torch.where(on_grid, grid[torch.randint(0, len(grid), (n,), generator=g)], sigma)
 
 
 def train_transformer(
@@ -224,7 +252,7 @@ def train_transformer(
         "text_encoder_2": pipe.text_encoder_2,
     }
     params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.dit_weight_decay, betas=(0.9, 0.99))
     ema = EMA(modules, cfg.ema_decay)
     ckpt = work / "transformer.safetensors"
     start = 0
@@ -251,12 +279,7 @@ def train_transformer(
         prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
         x0 = FluxPipeline._pack_latents(latents[idx], cfg.dit_batch, c, h, w)
         noise = torch.randn(x0.shape, generator=g)
-        # Half uniform, half logit-normal: the high-noise steps decide the layout.
-        sigma = torch.where(
-            torch.rand(cfg.dit_batch, generator=g) < 0.5,
-            torch.rand(cfg.dit_batch, generator=g),
-            torch.sigmoid(torch.randn(cfg.dit_batch, generator=g)),
-        )
+        sigma = sample_sigmas(cfg, g)
         x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
         s = sigma.view(-1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
@@ -293,14 +316,16 @@ def train_transformer(
 
 
 @torch.no_grad()
-def quick_eval(pipe, n: int, seed: int) -> dict:
-    """read_attributes accuracy on `n` generated one- and two-object scenes (a fast check)."""
+def quick_eval(pipe, n: int, seed: int, **generation) -> dict:
+    """read_attributes accuracy on `n` generated one- and two-object scenes (a fast check);
+    `generation` overrides GENERATION_DEFAULTS."""
     scenes = shapes.sample_scenes(n, seed=seed, held_out="include")
     read = []
     for i in range(0, n, 25):
         chunk = scenes[i : i + 25]
         g = torch.Generator(pipe.device).manual_seed(seed + i)
-        images = pipe([shapes.caption(s) for s in chunk], generator=g, **shapes.GENERATION_DEFAULTS).images
+        kwargs = {**shapes.GENERATION_DEFAULTS, **generation}
+        images = pipe([shapes.caption(s) for s in chunk], generator=g, **kwargs).images
         read += [shapes.read_attributes(im) for im in images]
     return shapes.attribute_accuracy(scenes, read)
 
@@ -317,6 +342,25 @@ def vae_eval(vae, n: int, seed: int) -> dict:
     return shapes.attribute_accuracy(scenes, [shapes.read_attributes(Image.fromarray(a)) for a in arr])
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["dit_lr=1e-3", "vae_channels=32,64,64"] -> typed ShapesModelConfig fields."""
+    fields = {f.name: f for f in dataclasses.fields(ShapesModelConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        default = getattr(ShapesModelConfig, name)
+        try:
+            if isinstance(default, tuple):
+                out[name] = tuple(type(default[0])(v) for v in value.split(","))
+            else:
+                out[name] = type(default)(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a {type(default).__name__}") from None
+    return out
+
+
 def main(argv=None) -> None:
     defaults = ShapesModelConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,6 +372,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="cpu (the shipped model) or cuda (quick recipe checks)")
     for name in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override any ShapesModelConfig field, e.g. --set dit_lr=1e-3 --set vae_channels=32,64,64",
+    )  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -336,7 +384,8 @@ def main(argv=None) -> None:
         **{
             k: getattr(args, k)
             for k in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch")
-        }
+        },
+        **parse_overrides(args.set),
     )
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
