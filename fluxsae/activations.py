@@ -1,0 +1,243 @@
+"""Harvested activations on disk: sharded safetensors with a per-row manifest.
+
+A harvest folder (written by `python -m training.harvest`):
+
+    harvest.json                     what was harvested: model, sites, steps, dtype, generation args
+    prompts.jsonl                    one line per prompt: {"id", "prompt", "seed", ...}
+    shards/shard-000000.safetensors  prompts [i * P, (i + 1) * P) of the prompt list
+    manifest.json                    the shards and their row counts (rebuilt from the shards)
+
+Each shard holds, for every site, `acts/<site>` [rows, d] in the storage dtype, and for each
+stream ("image", "text") the manifest of its rows, one value per row:
+`<stream>/prompt_id`, `<stream>/seed`, `<stream>/step` (denoising step index),
+`<stream>/timestep` (sigma in [0, 1], the transformer's `timestep` input), `<stream>/token`
+(index in the stream), `<stream>/row`, `<stream>/col` (the token's cell in the image grid;
+-1 for text tokens). Rows are ordered prompt, step, token. A shard file is written atomically,
+so it exists only when complete: a killed harvest resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fluxsae.fileio import save_tensors, write_json
+from fluxsae.sites import parse_site
+
+MANIFEST_FIELDS = ("prompt_id", "seed", "step", "timestep", "token", "row", "col")
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ActivationStoreError(ValueError):
+    """A harvest folder that cannot be read as asked."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+def stream_rows(
+    prompt_ids: list[int], seeds: list[int], steps: list[int], sigmas: list[float], n_tokens: int,
+    grid: tuple[int, int] | None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The manifest of `len(prompt_ids) x len(steps) x n_tokens` rows in (prompt, step, token) order.
+
+    `grid` = (rows, cols) of the image token grid, or None for text tokens (row = col = -1).
+    """
+    n_p, n_s = len(prompt_ids), len(steps)
+    shape = (n_p, n_s, n_tokens)
+
+    def expand(values, dim, dtype):
+        view = [1, 1, 1]
+        view[dim] = -1
+        return torch.tensor(values, dtype=dtype).view(view).expand(shape).reshape(-1)
+
+    token = torch.arange(n_tokens, dtype=torch.int32)
+    if grid is not None:
+        if grid[0] * grid[1] != n_tokens:
+            raise ValueError(
+                f"A {grid[0]}x{grid[1]} token grid has {grid[0] * grid[1]} tokens, not {n_tokens}."
+            )
+        row, col = token // grid[1], token % grid[1]
+    else:
+        row = col = torch.full_like(token, -1)
+    return {
+        "prompt_id": expand(prompt_ids, 0, torch.int64),
+        "seed": expand(seeds, 0, torch.int64),
+        "step": expand(steps, 1, torch.int32),
+        "timestep": expand(sigmas, 1, torch.float32),
+        "token": expand(token.tolist(), 2, torch.int32),
+        "row": expand(row.tolist(), 2, torch.int32),
+        "col": expand(col.tolist(), 2, torch.int32),
+    }
+
+
+def write_shard(path: Path, acts: dict[str, torch.Tensor], manifests: dict[str, dict], meta: dict) -> None:
+    """Write one shard atomically. `acts[site]` [rows, d]; `manifests[stream][field]` [rows]."""
+    tensors = {f"acts/{site}": a.contiguous() for site, a in acts.items()}
+    for stream, fields in manifests.items():
+        for name, values in fields.items():
+            tensors[f"{stream}/{name}"] = values.contiguous()
+    for site, a in acts.items():
+        stream = parse_site(site).stream
+        if a.shape[0] != manifests[stream]["prompt_id"].shape[0]:
+            raise ValueError(f"{site}: {a.shape[0]} rows but the {stream} manifest has a different count.")
+    save_tensors(path, tensors, meta)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    index: int
+    prompts: tuple[int, int]
+    """[start, end) of the prompt ids it holds."""
+    rows: dict
+    """stream -> number of rows."""
+
+
+class ActivationStore:
+    """Read a harvest folder: whole shards, or shuffled batches streamed shard by shard.
+
+    store = ActivationStore("runs/harvest")
+    acts, manifest = store.load("transformer_blocks.3.image", shards=range(0, 10))
+    for x in store.batches(site, batch_size=4096, seed=0, rank=0, world_size=1): ...
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        config_path = self.folder / "harvest.json"
+        if not config_path.is_file():
+            raise ActivationStoreError(
+                f"{self.folder} is not a harvest folder: {config_path} is missing. "
+                "Create one with `python -m training.harvest --out FOLDER ...`."
+            )
+        try:
+            self.config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ActivationStoreError(f"{config_path} is not valid JSON ({e}).") from e
+        self.shards = self._scan()
+
+    def _scan(self) -> list[ShardInfo]:
+        shards = []
+        for path in sorted((self.folder / "shards").glob("shard-*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            except Exception as e:  # safetensors raises its own error types for torn headers
+                raise ActivationStoreError(
+                    f"Shard {path} is unreadable ({e}); delete it and run the harvest again to redo it."
+                ) from e
+            shards.append(ShardInfo(path, int(meta["index"]), tuple(meta["prompts"]), meta["rows"]))
+        return shards
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.config["sites"])
+
+    def dim(self, site: str) -> int:
+        return int(self.config["dims"][self._check_site(site)])
+
+    def _check_site(self, site: str) -> str:
+        site = str(site)
+        if site not in self.config["sites"]:
+            raise ActivationStoreError(
+                f"Site {site!r} was not harvested in {self.folder}; it has {self.config['sites']}."
+            )
+        return site
+
+    def n_rows(self, site: str) -> int:
+        stream = parse_site(self._check_site(site)).stream
+        return sum(s.rows[stream] for s in self.shards)
+
+    def prompts(self) -> list[dict]:
+        """Every line of prompts.jsonl: {"id", "prompt", "seed", ...} (shapes prompts carry "scene")."""
+        with open(self.folder / "prompts.jsonl") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def load(
+        self, site: str, shards: Iterator[int] | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Activations [rows, d] of the chosen shards (positions in `self.shards`; all by default) and
+        their manifest {field: [rows]}."""
+        site = self._check_site(site)
+        stream = parse_site(site).stream
+        chosen = [self.shards[i] for i in (range(len(self.shards)) if shards is None else shards)]
+        if not chosen:
+            raise ActivationStoreError(f"No shards chosen (the folder has {len(self.shards)}).")
+        acts, manifest = [], {k: [] for k in MANIFEST_FIELDS}
+        for shard in chosen:
+            with safe_open(str(shard.path), framework="pt") as f:
+                acts.append(f.get_tensor(f"acts/{site}").to(dtype))
+                for k in MANIFEST_FIELDS:
+                    manifest[k].append(f.get_tensor(f"{stream}/{k}"))
+        return torch.cat(acts), {k: torch.cat(v) for k, v in manifest.items()}
+
+    def batches(
+        self,
+        site: str,
+        batch_size: int,
+        *,
+        shards: list[int] | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shards_in_memory: int = 8,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:
+        """Shuffled batches [batch_size, d] of one epoch over `shards`, streamed `shards_in_memory`
+        shards at a time (rows are shuffled within that window, shards across the epoch).
+
+        With `world_size` > 1 each global batch of `batch_size * world_size` rows is split by rank, so
+        data-parallel workers together see exactly what one worker with the global batch would see.
+        A last incomplete global batch is dropped.
+        """
+        pool = list(range(len(self.shards))) if shards is None else list(shards)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        global_batch = batch_size * world_size
+        carry = None
+        for start in range(0, len(order), shards_in_memory):
+            window, _ = self.load(site, order[start : start + shards_in_memory], dtype=dtype)
+            window = window[torch.randperm(len(window), generator=g)]
+            if carry is not None:
+                window = torch.cat([carry, window])
+            n_full = len(window) // global_batch
+            for b in range(n_full):
+                chunk = window[b * global_batch : (b + 1) * global_batch]
+                yield chunk[rank * batch_size : (rank + 1) * batch_size]
+            carry = window[n_full * global_batch :]
+
+    def steps_per_epoch(self, site: str, batch_size: int, world_size: int = 1, shards=None) -> int:
+        stream = parse_site(self._check_site(site)).stream
+        chosen = [self.shards[i] for i in (range(len(self.shards)) if shards is None else shards)]
+        return math.floor(sum(s.rows[stream] for s in chosen) / (batch_size * world_size))
+
+    def write_manifest(self) -> None:
+        """manifest.json: the shards found and their rows (a summary; readers scan the shards)."""
+        self.shards = self._scan()
+        write_json(
+            self.folder / "manifest.json",
+            {
+                "shards": [
+                    {"file": f"shards/{s.path.name}", "prompts": list(s.prompts), "rows": s.rows}
+                    for s in self.shards
+                ],
+                "rows": {
+                    stream: sum(s.rows.get(stream, 0) for s in self.shards) for stream in ("image", "text")
+                },
+            },
+        )
+
+
+def split_shards(n_shards: int, held_out: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) shard positions: the last `held_out` share of shards (at least one when
+    there are two or more) is held out, so held-out rows come from prompts training never saw."""
+    n_eval = 0 if n_shards < 2 or held_out <= 0 else max(1, round(n_shards * held_out))
+    return list(range(n_shards - n_eval)), list(range(n_shards - n_eval, n_shards))

@@ -1,0 +1,173 @@
+"""Harvesting activations to shards: what is stored is what the model computed, and nothing is lost
+or duplicated when a harvest is killed and run again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxsae import capture
+from fluxsae.activations import ActivationStore, ActivationStoreError
+from fluxsae.fileio import load_tensors
+from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from training import harvest
+
+SITES = "transformer_blocks.1.image,single_transformer_blocks.0.text"
+PROMPTS = ["a red circle", "a blue square", "the green triangle", "a red square", "a big red circle",
+           "blue", "a small blue circle", "green square"]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_flux_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n")
+    return path
+
+
+def harvest_args(model_dir, prompt_file, out, *extra):
+    g = TINY_GENERATION
+    return [
+        "--model", str(model_dir), "--prompts", str(prompt_file), "--sites", SITES, "--out", str(out),
+        "--height", str(g["height"]), "--width", str(g["width"]), "--num-inference-steps",
+        str(g["num_inference_steps"]), "--max-sequence-length", str(g["max_sequence_length"]),
+        "--prompts-per-shard", "3", "--batch-size", "2", "--dtype", "float32", *extra,
+    ]  # fmt: skip
+
+
+def shard_contents(folder: Path) -> dict[str, tuple]:
+    """name -> (tensors, metadata) of every shard (bytes differ: safetensors orders its header freely)."""
+    return {p.name: load_tensors(p) for p in sorted((folder / "shards").glob("shard-*.safetensors"))}
+
+
+def assert_same_shards(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        (ta, ma), (tb, mb) = a[name], b[name]
+        assert ma == mb and list(ta) == list(tb)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+def test_rows_are_what_capture_sees_with_their_manifest(model_dir, prompt_file, tmp_path):
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "h", "--seed", "100"))
+    store = ActivationStore(tmp_path / "h")
+    assert len(store.shards) == 3  # 8 prompts, 3 per shard
+    acts, manifest = store.load("transformer_blocks.1.image")
+    steps, tokens = TINY_GENERATION["num_inference_steps"], 16  # 32 px -> 4 x 4 tokens
+    assert acts.shape == (len(PROMPTS) * steps * tokens, 32)
+    assert store.n_rows("transformer_blocks.1.image") == len(acts)
+
+    # Prompt 4 alone, generated again by hand with its recorded seed: the same rows, step by step.
+    pipe = tiny_flux_pipeline(seed=0)
+    rows = manifest["prompt_id"] == 4
+    seed = int(manifest["seed"][rows][0])
+    assert seed == 104
+    with capture(pipe, "transformer_blocks.1.image") as cap:
+        pipe(
+            PROMPTS[4], generator=torch.Generator().manual_seed(seed), output_type="latent", **TINY_GENERATION
+        )
+    expected = cap["transformer_blocks.1.image"][:, 0]  # [steps, tokens, d]
+    torch.testing.assert_close(acts[rows].view(steps, tokens, -1), expected, rtol=1e-4, atol=1e-5)
+    # The manifest says where each row comes from.
+    assert manifest["step"][rows].view(steps, tokens)[:, 0].tolist() == list(range(steps))
+    assert torch.allclose(manifest["timestep"][rows].view(steps, tokens)[:, 0], cap.sigmas.float())
+    assert manifest["row"][rows][:tokens].tolist() == [r for r in range(4) for _ in range(4)]
+    assert manifest["col"][rows][:tokens].tolist() == [c for _ in range(4) for c in range(4)]
+    # Text-stream sites have their own rows (12 T5 tokens), with no image cell.
+    text, text_manifest = store.load("single_transformer_blocks.0.text")
+    assert text.shape[0] == len(PROMPTS) * steps * TINY_GENERATION["max_sequence_length"]
+    assert set(text_manifest["row"].tolist()) == {-1}
+    prompts = store.prompts()
+    assert [p["prompt"] for p in prompts] == PROMPTS and prompts[4]["seed"] == 104
+    manifest_json = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    assert manifest_json["rows"]["image"] == len(acts)
+
+
+def test_killed_harvest_resumes_without_losing_or_duplicating_a_shard(
+    model_dir, prompt_file, tmp_path, monkeypatch
+):
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "clean"))
+    clean = shard_contents(tmp_path / "clean")
+
+    # Die while writing the second shard, leaving a torn temporary file as a SIGKILL would.
+    real_write = harvest.write_shard
+    calls = []
+
+    def dying_write(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            (path.parent / f".{path.name}.tmp-killed").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(harvest, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "resumed"))
+    assert list(shard_contents(tmp_path / "resumed")) == ["shard-000000.safetensors"]
+    monkeypatch.setattr(harvest, "write_shard", real_write)
+
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "resumed"))
+    assert_same_shards(shard_contents(tmp_path / "resumed"), clean)  # none lost, none twice, bit-exact
+    assert not list((tmp_path / "resumed" / "shards").glob(".*"))  # the torn file is gone
+    _, manifest = ActivationStore(tmp_path / "resumed").load("transformer_blocks.1.image")
+    assert sorted(set(manifest["prompt_id"].tolist())) == list(range(len(PROMPTS)))
+
+
+def test_torchrun_splits_prompts_by_rank_and_matches_one_process(model_dir, prompt_file, tmp_path):
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
+           "-m", "training.harvest", *harvest_args(model_dir, prompt_file, tmp_path / "two")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = ActivationStore(tmp_path / "one"), ActivationStore(tmp_path / "two")
+    assert [s.prompts for s in two.shards] == [s.prompts for s in one.shards]
+    for site in SITES.split(","):
+        a1, m1 = one.load(site)
+        a2, m2 = two.load(site)
+        torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(m1[k], m2[k]) for k in m1)
+
+
+def test_bf16_storage_halves_the_bytes(model_dir, prompt_file, tmp_path):
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "f32"))
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "bf16", "--dtype", "bfloat16"))  # last wins
+    a32, _ = ActivationStore(tmp_path / "f32").load("transformer_blocks.1.image")
+    a16, _ = ActivationStore(tmp_path / "bf16").load("transformer_blocks.1.image", dtype=torch.float32)
+    torch.testing.assert_close(a16, a32, rtol=1e-2, atol=1e-2)
+    size = lambda f: sum(p.stat().st_size for p in (f / "shards").glob("*.safetensors"))
+    assert size(tmp_path / "bf16") < 0.7 * size(tmp_path / "f32")
+
+
+def test_bad_inputs_get_clear_errors(model_dir, prompt_file, tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        harvest.main(harvest_args(model_dir, tmp_path / "missing.txt", tmp_path / "x"))
+    with pytest.raises(SystemExit, match="outside 0..3"):
+        harvest.main([*harvest_args(model_dir, prompt_file, tmp_path / "x"), "--steps", "2,7"])
+    with pytest.raises(ValueError, match="transformer_blocks"):
+        harvest.main(
+            harvest_args(model_dir, prompt_file, tmp_path / "y", "--sites", "transformer_blocks.9.image")
+        )
+    harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "h"))
+    with pytest.raises(SystemExit, match="other settings.*steps"):
+        harvest.main([*harvest_args(model_dir, prompt_file, tmp_path / "h"), "--steps", "0"])
+    store = ActivationStore(tmp_path / "h")
+    with pytest.raises(ActivationStoreError, match="was not harvested"):
+        store.load("transformer_blocks.0.image")
+    shard = store.shards[1].path
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ActivationStoreError, match=f"{shard.name}.*unreadable"):
+        ActivationStore(tmp_path / "h")
+    with pytest.raises(ActivationStoreError, match="not a harvest folder"):
+        ActivationStore(tmp_path)
