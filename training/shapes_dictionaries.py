@@ -1,0 +1,126 @@
+"""Build the dictionaries packaged with the Shapes model, from scratch, with the project's commands.
+
+    python -m training.shapes_dictionaries            # -> fluxsae/shapes/dictionaries
+
+Stages (each resumable: run the same command again after a kill):
+  1. harvest the packaged Shapes model on captions of the Shapes world (every denoising step);
+  2. train a TopK SAE per site (training.train_sae);
+  3. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
+  4. write the dictionary folder in the Hub layout (one sub-folder per site, config.json, README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from fluxsae import load_pipeline, shapes
+from fluxsae.fileio import atomic_path, write_json
+from fluxsae.hub import shapes_dictionaries_dir
+
+SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
+"""The last double block (the reference work's main site is FLUX.1's last double block) and the
+middle of the single blocks."""
+
+
+def harvest_stage(args) -> Path:
+    from training import harvest
+
+    folder = args.work / "harvest"
+    harvest.main([
+        "--model", "shapes", "--prompts", "shapes", "--n-prompts", str(args.prompts),
+        "--prompt-seed", "11", "--seed", "0", "--sites", ",".join(args.sites), "--dtype", "bfloat16",
+        "--prompts-per-shard", "50", "--batch-size", "25", "--out", str(folder),
+    ])  # fmt: skip
+    return folder
+
+
+def sae_stage(args, acts: Path, staging: Path) -> dict:
+    from training.train_sae import TrainConfig, train
+
+    results = {}
+    for site in args.sites:
+        cfg = TrainConfig(
+            acts=str(acts), site=site, n_features=args.n_features, k=args.k, tokens=args.tokens,
+            batch_size=4096, normalization="standardize", aux_k=256, held_out=0.1, seed=0,
+        )  # fmt: skip
+        results[site] = train(cfg, args.work / "sae" / site, staging)
+    return results
+
+
+def spliced_stage(args, staging: Path) -> dict:
+    from fluxsae.evaluate import spliced_effect
+    from fluxsae.sae import TopKSAE
+
+    pipe = load_pipeline("shapes", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    # Scenes and seeds the harvest never used.
+    scenes = shapes.sample_scenes(args.eval_prompts, seed=424_242)
+    prompts = [shapes.caption(s) for s in scenes]
+    seeds = [900_000 + i for i in range(len(prompts))]
+    out = {}
+    for site in args.sites:
+        sae = TopKSAE.load(staging / site)
+        effect = spliced_effect(pipe, sae, prompts, seeds, dict(shapes.GENERATION_DEFAULTS))
+        sae.cfg = dataclasses.replace(sae.cfg, extra={**sae.cfg.extra, "spliced": effect})
+        sae.save(staging / site)
+        out[site] = effect
+    return out
+
+
+def model_card(report: dict) -> str:
+    rows = []
+    for site, r in report["sae"].items():
+        h, s = r["held_out"], report["spliced"][site]
+        rows.append(
+            f"| {site} | {h['fvu']:.3f} | {h['l0']:.1f} | {100 * h['dead_fraction']:.1f}% | "
+            f"{s['velocity_recovered']:.3f} | {s['image_recovered']:.3f} |"
+        )
+    return "\n".join([
+        "---", "library_name: fluxsae", "base_model: fluxsae/shapes", "license: apache-2.0",
+        "tags: [sparse-autoencoder, flux, interpretability, fluxsae]", "---", "",
+        "# Dictionaries of the Shapes model", "",
+        "TopK SAEs on the residual stream of fluxsae's packaged Shapes model (a tiny FluxPipeline), "
+        "made by `python -m training.shapes_dictionaries`. One folder per site; "
+        '`fluxsae.load_sae("shapes", site=...)` loads them.', "",
+        "| site | held-out FVU | L0 | dead | velocity recovered | image recovered |",
+        "| --- | --- | --- | --- | --- | --- |", *rows, "",
+        "FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2 on held-out prompts; recovered = 1 - err(SAE "
+        "spliced in) / err(mean ablation), see `fluxsae/evaluate.py`.", "",
+    ])  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/shapes_dictionaries"))
+    p.add_argument("--out", type=Path, default=shapes_dictionaries_dir())
+    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
+    p.add_argument(
+        "--prompts", type=int, default=1500, help="harvested generations (512 tokens per site each)"
+    )
+    p.add_argument("--n-features", type=int, default=2048)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=8_000_000)
+    p.add_argument("--eval-prompts", type=int, default=16)
+    args = p.parse_args(argv)
+
+    staging = args.work / "package"
+    staging.mkdir(parents=True, exist_ok=True)
+    acts = harvest_stage(args)
+    report = {"sae": sae_stage(args, acts, staging)}
+    report["spliced"] = spliced_stage(args, staging)
+    write_json(staging / "config.json", {
+        "library": "fluxsae", "base_model": "shapes", "sites": args.sites, "command":
+        "python -m training.shapes_dictionaries", "settings": {k: str(v) for k, v in vars(args).items()},
+    })  # fmt: skip
+    (staging / "README.md").write_text(model_card(report))
+    with atomic_path(args.out, is_dir=True) as tmp:
+        shutil.copytree(staging, tmp, dirs_exist_ok=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
