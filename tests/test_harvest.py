@@ -171,3 +171,22 @@ def test_bad_inputs_get_clear_errors(model_dir, prompt_file, tmp_path):
         ActivationStore(tmp_path / "h")
     with pytest.raises(ActivationStoreError, match="not a harvest folder"):
         ActivationStore(tmp_path)
+
+
+def test_prompts_from_a_dataset_column(model_dir, tmp_path):
+    """A Hugging Face dataset (here a local parquet folder, as the Hub's cc12m captions are stored)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "captions"
+    data.mkdir()
+    table = pa.table({"url": [f"u{i}" for i in range(6)], "caption_llava_short": PROMPTS[:5] + [""]})
+    pq.write_table(table, data / "train-00000.parquet")
+    args = harvest_args(model_dir, "unused", tmp_path / "h", "--n-prompts", "4")
+    args[args.index("--prompts") : args.index("--prompts") + 2] = ["--dataset", str(data)]
+    harvest.main(args)
+    store = ActivationStore(tmp_path / "h")
+    assert [p["prompt"] for p in store.prompts()] == PROMPTS[:4]
+    assert store.config["prompt_source"] == str(data) and store.config["column"] == "caption_llava_short"
+    with pytest.raises(SystemExit, match="no column 'text'"):
+        harvest.main([*args, "--column", "text", "--out", str(tmp_path / "h2")])
