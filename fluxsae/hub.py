@@ -29,8 +29,13 @@ class DictionaryMismatchError(ValueError):
 
 
 def shapes_dictionaries_dir() -> Path:
-    """Where the packaged Shapes dictionaries live (made by `training/` commands, see its README)."""
+    """Where the packaged Shapes dictionaries live (made by `python -m training.shapes_dictionaries`):
+    `sae/` and `itda/`, each a repo in the Hub layout. They are two repos, as they would be on the Hub,
+    because each `<site>/cfg.json` describes one dictionary."""
     return Path(__file__).resolve().parent / "shapes" / "dictionaries"
+
+
+_SHAPES_REPOS = {"sae.safetensors": "sae", "itda.safetensors": "itda"}
 
 
 def available_sites(folder: Path, weights: str) -> list[str]:
@@ -48,7 +53,7 @@ def site_folder(
     site = str(parse_site(site))
     source = str(name_or_path)
     if source == SHAPES:
-        root = shapes_dictionaries_dir()
+        root = shapes_dictionaries_dir() / _SHAPES_REPOS[weights]
         if not root.is_dir():
             raise DictionaryNotFoundError(
                 f"The packaged Shapes dictionaries are missing ({root}); reinstall fluxsae or build "
@@ -129,3 +134,19 @@ def check_matches_pipeline(dictionary, pipe) -> None:
 
 def _model_key(name: str) -> str:
     return Path(name).name.lower() if os.path.isabs(name) else name.lower()
+
+
+def load_itda(
+    name_or_path: str | os.PathLike = SHAPES, site: str | None = None, device="cpu", revision=None
+):
+    """Load an ITDA dictionary for `site` from "shapes", a local folder or a Hub repo id.
+
+    From the Hub only `<site>/*` is downloaded (cfg.json, itda.safetensors, atoms.parquet).
+
+        itda = fluxsae.load_itda("shapes", site="transformer_blocks.3.image")
+    """
+    from fluxsae.itda import ITDA
+
+    if site is None:
+        raise TypeError("load_itda needs site=..., e.g. site='transformer_blocks.3.image'.")
+    return ITDA.load(site_folder(name_or_path, site, "itda.safetensors", revision), device=device)

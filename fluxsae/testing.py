@@ -100,7 +100,8 @@ def flux_components(
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=clip_dim, intermediate_size=2 * clip_dim,
-            num_hidden_layers=text_layers, num_attention_heads=max(2, clip_dim // 32), max_position_embeddings=clip_max_length,
+            num_hidden_layers=text_layers, num_attention_heads=max(2, clip_dim // 32),
+            max_position_embeddings=clip_max_length,
             projection_dim=clip_dim, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
             attention_dropout=0.0, dropout=0.0, hidden_act="gelu",
         )

@@ -5,8 +5,11 @@
 Stages (each resumable: run the same command again after a kill):
   1. harvest the packaged Shapes model on captions of the Shapes world (every denoising step);
   2. train a TopK SAE per site (training.train_sae);
-  3. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
-  4. write the dictionary folder in the Hub layout (one sub-folder per site, config.json, README.md).
+  3. build an ITDA per site at the same L0, at most as many atoms as the SAE has features
+     (training.build_itda);
+  4. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
+  5. write `sae/` and `itda/`, each a dictionary repo in the Hub layout (one sub-folder per site,
+     config.json, README.md).
 """
 
 from __future__ import annotations
@@ -47,12 +50,26 @@ def sae_stage(args, acts: Path, staging: Path) -> dict:
             acts=str(acts), site=site, n_features=args.n_features, k=args.k, tokens=args.tokens,
             batch_size=4096, normalization="standardize", aux_k=256, held_out=0.1, seed=0,
         )  # fmt: skip
-        results[site] = train(cfg, args.work / "sae" / site, staging)
+        results[site] = train(cfg, args.work / "sae" / site, staging / "sae")
+    return results
+
+
+def itda_stage(args, acts: Path, staging: Path) -> dict:
+    from training.build_itda import BuildConfig, build
+
+    results = {}
+    for site in args.sites:
+        cfg = BuildConfig(
+            acts=str(acts), site=site, k=args.k, threshold=args.itda_threshold, max_atoms=args.n_features,
+            batch_size=4096, held_out=0.1, seed=0,
+        )  # fmt: skip
+        results[site] = build(cfg, args.work / "itda" / site, staging / "itda")
     return results
 
 
 def spliced_stage(args, staging: Path) -> dict:
     from fluxsae.evaluate import spliced_effect
+    from fluxsae.itda import ITDA
     from fluxsae.sae import TopKSAE
 
     pipe = load_pipeline("shapes", device="cpu")
@@ -62,34 +79,43 @@ def spliced_stage(args, staging: Path) -> dict:
     prompts = [shapes.caption(s) for s in scenes]
     seeds = [900_000 + i for i in range(len(prompts))]
     out = {}
-    for site in args.sites:
-        sae = TopKSAE.load(staging / site)
-        effect = spliced_effect(pipe, sae, prompts, seeds, dict(shapes.GENERATION_DEFAULTS))
-        sae.cfg = dataclasses.replace(sae.cfg, extra={**sae.cfg.extra, "spliced": effect})
-        sae.save(staging / site)
-        out[site] = effect
+    for method, cls in (("sae", TopKSAE), ("itda", ITDA)):
+        for site in args.sites:
+            folder = staging / method / site
+            dictionary = cls.load(folder)
+            effect = spliced_effect(pipe, dictionary, prompts, seeds, dict(shapes.GENERATION_DEFAULTS))
+            extra = {**dictionary.cfg.extra, "spliced": effect}
+            dictionary.cfg = dataclasses.replace(dictionary.cfg, extra=extra)
+            dictionary.save(folder)
+            out[f"{method}:{site}"] = effect
     return out
 
 
-def model_card(report: dict) -> str:
+def model_card(report: dict, method: str) -> str:
     rows = []
-    for site, r in report["sae"].items():
-        h, s = r["held_out"], report["spliced"][site]
+    for site, r in report[method].items():
+        h, s = r["held_out"], report["spliced"][f"{method}:{site}"]
+        size = r.get("n_atoms", "")
         rows.append(
-            f"| {site} | {h['fvu']:.3f} | {h['l0']:.1f} | {100 * h['dead_fraction']:.1f}% | "
+            f"| {site} | {size} | {h['fvu']:.3f} | {h['l0']:.1f} | {100 * h['dead_fraction']:.1f}% | "
             f"{s['velocity_recovered']:.3f} | {s['image_recovered']:.3f} |"
         )
+    what = {
+        "sae": "TopK sparse autoencoders",
+        "itda": "ITDA dictionaries (real activations, with their provenance in atoms.parquet)",
+    }[method]
+    loader = {"sae": "load_sae", "itda": "load_itda"}[method]
     return "\n".join([
         "---", "library_name: fluxsae", "base_model: fluxsae/shapes", "license: apache-2.0",
-        "tags: [sparse-autoencoder, flux, interpretability, fluxsae]", "---", "",
-        "# Dictionaries of the Shapes model", "",
-        "TopK SAEs on the residual stream of fluxsae's packaged Shapes model (a tiny FluxPipeline), "
-        "made by `python -m training.shapes_dictionaries`. One folder per site; "
-        '`fluxsae.load_sae("shapes", site=...)` loads them.', "",
-        "| site | held-out FVU | L0 | dead | velocity recovered | image recovered |",
-        "| --- | --- | --- | --- | --- | --- |", *rows, "",
-        "FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2 on held-out prompts; recovered = 1 - err(SAE "
-        "spliced in) / err(mean ablation), see `fluxsae/evaluate.py`.", "",
+        f"tags: [{method}, flux, interpretability, fluxsae]", "---", "",
+        f"# {what} of the Shapes model", "",
+        "On the residual stream of fluxsae's packaged Shapes model (a tiny FluxPipeline), made by "
+        f"`python -m training.shapes_dictionaries`. One folder per site; "
+        f'`fluxsae.{loader}("shapes", site=...)` loads them.', "",
+        "| site | atoms | held-out FVU | L0 | dead | velocity recovered | image recovered |",
+        "| --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+        "FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2 on held-out prompts; recovered = "
+        "1 - err(dictionary spliced in) / err(mean ablation), see `fluxsae/evaluate.py`.", "",
     ])  # fmt: skip
 
 
@@ -104,21 +130,25 @@ def main(argv=None) -> None:
     p.add_argument("--n-features", type=int, default=2048)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--tokens", type=int, default=8_000_000)
+    p.add_argument("--itda-threshold", type=float, default=0.3)
     p.add_argument("--eval-prompts", type=int, default=16)
     args = p.parse_args(argv)
 
     staging = args.work / "package"
     staging.mkdir(parents=True, exist_ok=True)
     acts = harvest_stage(args)
-    report = {"sae": sae_stage(args, acts, staging)}
+    report = {"sae": sae_stage(args, acts, staging), "itda": itda_stage(args, acts, staging)}
     report["spliced"] = spliced_stage(args, staging)
-    write_json(staging / "config.json", {
-        "library": "fluxsae", "base_model": "shapes", "sites": args.sites, "command":
-        "python -m training.shapes_dictionaries", "settings": {k: str(v) for k, v in vars(args).items()},
-    })  # fmt: skip
-    (staging / "README.md").write_text(model_card(report))
+    for method in ("sae", "itda"):
+        write_json(staging / method / "config.json", {
+            "library": "fluxsae", "method": method, "base_model": "shapes", "sites": args.sites,
+            "command": "python -m training.shapes_dictionaries",
+            "settings": {k: str(v) for k, v in vars(args).items()},
+        })  # fmt: skip
+        (staging / method / "README.md").write_text(model_card(report, method))
     with atomic_path(args.out, is_dir=True) as tmp:
         shutil.copytree(staging, tmp, dirs_exist_ok=True)
+    write_json(args.work / "report.json", report)
     print(json.dumps(report, indent=2))
 
 
