@@ -48,3 +48,20 @@ def test_same_seed_same_image_and_odd_prompts_still_generate(pipe):
     for image in generate(pipe, odd):
         assert image.size == (64, 64)
         assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize("site", ["transformer_blocks.3.image", "single_transformer_blocks.2.image"])
+def test_packaged_dictionaries_reconstruct_fresh_activations(pipe, site):
+    from fluxsae import capture, load_itda, load_sae
+    from fluxsae.evaluate import reconstruction_metrics
+    from fluxsae.hub import check_matches_pipeline
+
+    scenes = shapes.sample_scenes(4, seed=4242)
+    with capture(pipe, site) as acts:
+        generate(pipe, [shapes.caption(s) for s in scenes], seed=100)
+    x = acts[site].reshape(-1, acts[site].shape[-1])  # 4 images x 8 steps x 64 tokens
+    for dictionary in (load_sae("shapes", site=site), load_itda("shapes", site=site)):
+        check_matches_pipeline(dictionary, pipe)
+        assert dictionary.cfg.n_features == 2048 and dictionary.cfg.k == 16
+        metrics = reconstruction_metrics(dictionary, x)
+        assert metrics["fvu"] < 0.25 and metrics["l0"] <= 16, (type(dictionary).__name__, metrics)
