@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--n-features", type=int, default=2048)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=8_000_000)
+    p.add_argument("--tokens", type=int, default=24_000_000)
     p.add_argument("--itda-threshold", type=float, default=0.3)
     p.add_argument("--eval-prompts", type=int, default=16)
     args = p.parse_args(argv)
