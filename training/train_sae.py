@@ -235,6 +235,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
             final.save(out / cfg.site)
         write_json(work / "result.json", result)
     if world > 1:
+        dist.barrier()  # every rank waits for rank 0's evaluation and save, then all leave together
         dist.destroy_process_group()
     return result
 
