@@ -14,9 +14,7 @@ FVU / L0 are printed and written to `--work/result.json`.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import logging
 import time
@@ -34,6 +32,7 @@ from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.itda import ITDAConfig, build_itda
 from fluxsae.sites import parse_site
+from training.cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger("training.build_itda")
 
@@ -174,38 +173,18 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
     return result
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass, for --help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="checkpoint, build_config.json, result.json")
     p.add_argument("--out", type=Path, default=None, help="dictionary folder: the ITDA goes to OUT/<site>/")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    docs = field_docs(BuildConfig)
-    for f in dataclasses.fields(BuildConfig):
-        flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name)
-        if f.default is dataclasses.MISSING:
-            p.add_argument(flag, required=True, type=str, help=doc)
-        elif f.name == "encoder":
-            p.add_argument(
-                flag, choices=["gradient_pursuit", "matching_pursuit"], default=f.default, help=doc
-            )
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=doc)
+    add_config_arguments(p, BuildConfig)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    cfg = config_from_args(BuildConfig, args)
     result = build(cfg, args.work, args.out, args.device)
     print(json.dumps(result, indent=2))
 

@@ -31,6 +31,7 @@ from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import load_tensors, save_tensors, write_json
 from fluxsae.sae import SAEConfig, TopKSAE, make_optimizer, train_step
+from training.cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger("training.train_sae")
 
@@ -246,18 +247,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="dictionary folder: the SAE goes to OUT/<site>/")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        doc = (f.metadata or {}).get("doc")
-        if f.default is dataclasses.MISSING:
-            p.add_argument(flag, required=True, type=str, help=doc)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=doc)
+    add_config_arguments(p, TrainConfig)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = config_from_args(TrainConfig, args)
     result = train(cfg, args.work, args.out, args.device)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))
