@@ -30,8 +30,12 @@ from fluxsae.hooks import capture, edit_site
 
 @torch.no_grad()
 def reconstruction_metrics(dictionary, x: torch.Tensor, batch_size: int = 8192) -> dict[str, float]:
-    """FVU, explained variance, r2_mean_dim, L0, dead share and density quantiles on x [N, d]."""
+    """FVU, explained variance, r2_mean_dim, L0, dead share and density quantiles on x [N, d].
+
+    x may live on another device than the dictionary (e.g. held-out activations in CPU memory and a
+    dictionary on the GPU): batches go to the dictionary's device, the statistics come back to x's."""
     x = x.float()
+    device = dictionary.device
     n_features = dictionary.cfg.n_features
     sq_err = 0.0
     fired = torch.zeros(n_features, dtype=torch.int64)
@@ -39,12 +43,12 @@ def reconstruction_metrics(dictionary, x: torch.Tensor, batch_size: int = 8192) 
     x_hats = []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
-        codes = dictionary.encode(xb)
-        x_hat = dictionary.decode(codes).float()
+        codes = dictionary.encode(xb.to(device))
+        x_hat = dictionary.decode(codes).float().to(x.device)
         x_hats.append(x_hat)
         sq_err += (xb - x_hat).pow(2).sum().item()
         active = codes != 0
-        fired += active.sum(0)
+        fired += active.sum(0).cpu()
         nonzeros += active.sum().item()
     x_hat = torch.cat(x_hats)
     total = (x - x.mean(0)).pow(2).sum().item()
@@ -67,7 +71,7 @@ def reconstruction_metrics(dictionary, x: torch.Tensor, batch_size: int = 8192) 
 def density_histogram(dictionary, x: torch.Tensor, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of log10 feature density on x (dead features at -inf are left out)."""
     with torch.no_grad():
-        fired = (dictionary.encode(x.float()) != 0).float().mean(0).numpy()
+        fired = (dictionary.encode(x.float().to(dictionary.device)) != 0).float().mean(0).cpu().numpy()
     live = fired[fired > 0]
     return np.histogram(np.log10(live), bins=bins)
 
@@ -87,7 +91,8 @@ def spliced_effect(
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt.")
 
     def reconstruct(h, step):
-        return dictionary.decode(dictionary.encode(h.float())).to(h.dtype)
+        x_hat = dictionary.decode(dictionary.encode(h.float().to(dictionary.device)))
+        return x_hat.to(h.device, h.dtype)
 
     calls: list[dict] = []
     images, mean_sum, mean_n = [], None, 0
@@ -109,7 +114,7 @@ def spliced_effect(
     mean = mean_sum / mean_n
 
     def ablate(h, step):
-        return mean.to(h.dtype).expand_as(h).clone()
+        return mean.to(h.device, h.dtype).expand_as(h).clone()  # captured on the CPU, h may be on a GPU
 
     def velocity_error(fn) -> float:
         num = den = 0.0
