@@ -6,7 +6,8 @@ equal dictionary size. This measures those claims on our activations:
 
 - ITDAs are built at the SAE's L0 (its k) with several thresholds (one pass over the training shards,
   or the first `--build-tokens` of them), plus one capped at the SAE's width, so dictionary sizes run
-  from small to >= the SAE's width. Held-out FVU of each (the shards the SAE never saw either:
+  from small to >= the SAE's width; the capped one is also built without centring ("raw": atoms are
+  the tokens themselves, no bias), to show what centring buys. Held-out FVU of each (the shards the SAE never saw either:
   `split_shards` with the same `--held-out`) beside the SAE's, and the build time beside the SAE's
   training time (`cfg.extra["seconds_this_run"]` of the SAE folder, when recorded).
 - Encode throughput (tokens/s) of ITDAs of up to 50,000 atoms. Building that many atoms takes long, so
@@ -193,8 +194,10 @@ def main(argv=None) -> None:
     )  # fmt: skip
     runs = [(f"t={t:g}", {"threshold": t}) for t in args.thresholds]
     if args.match_width:
-        runs.append((f"t={args.match_threshold:g}, cap", {"threshold": args.match_threshold,
-                                                          "max_atoms": sae.cfg.n_features}))  # fmt: skip
+        cap = {"threshold": args.match_threshold, "max_atoms": sae.cfg.n_features}
+        runs.append((f"t={args.match_threshold:g}, cap", cap))
+        # the same without centring (raw atoms, as in the ITDA paper): what the bias buys
+        runs.append((f"t={args.match_threshold:g}, cap, raw", {**cap, "center": False}))
     rows = []
     for label, settings in runs:
         batches = manifest_batches(store, args.site, train, args.batch_size, args.seed)

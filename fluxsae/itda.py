@@ -23,6 +23,15 @@ as "add tokens that, alone, leave more than this share of an average token's var
 on the reference's 0.1-0.6 scale. Relative-to-own-norm errors were rejected: FLUX's residual stream
 carries a large shared component, so ||x||^2 dwarfs the part that differs between tokens and a
 threshold on e_i / ||x_i||^2 would let almost every token pass as "well reconstructed".
+
+Centring (`center=True`, the default): for the same reason, atoms are real tokens minus the mean
+activation, unit(x_j - bias), and codes are computed for x - bias; decoding adds the bias back (as an
+SAE's decoder bias does). `bias` is the mean of the first batch the builder sees, then frozen, so
+every atom is centred by the same vector. Raw atoms all share the mean (on the Shapes model its squared
+norm is 1.5-1.8x the per-token variance), a non-negative combination of k of them must rebuild it
+before it can explain anything else, and the held-out FVU at 2,048 atoms and L0 16 was 2.4x higher
+(0.135 raw vs 0.056 centred on `transformer_blocks.3.image`). Steering along a centred atom moves the
+token towards that token's own deviation from the mean, not towards the mean itself.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ from fluxsae.fileio import atomic_path, load_tensors, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""The newest cfg.json / itda.safetensors / atoms.parquet layout this code reads and the one it writes."""
+FORMAT_VERSION = 2
+"""The newest cfg.json / itda.safetensors / atoms.parquet layout this code reads and the one it writes.
+Version 2 added `center` and the `bias` tensor; version 1 files (raw atoms, no bias) still load."""
 
 CFG_FILE, ATOMS_FILE, PROVENANCE_FILE = "cfg.json", "itda.safetensors", "atoms.parquet"
 
@@ -114,6 +124,10 @@ class ITDAConfig:
     encoder: Literal["gradient_pursuit", "matching_pursuit"] = "gradient_pursuit"
     """How codes are computed: non-negative gradient pursuit, or non-negative matching pursuit (the
     original ITDA's encoder, restricted to positive inner products so codes stay non-negative)."""
+
+    center: bool = True
+    """Centre the atoms and the tokens on `bias` (the mean activation; module docstring). False: raw
+    atoms and no bias, as in the ITDA paper."""
 
     mean_token_norm: float = 0.0
     """Mean L2 norm of the site's raw tokens seen while building; steering strengths are in these units."""
@@ -187,6 +201,8 @@ class ITDAConfig:
                 f"format_version {version} is newer than this fluxsae ({_package_version()}) reads "
                 f"(up to {FORMAT_VERSION}); upgrade fluxsae"
             )
+        if version < 2 and "center" not in d:
+            d = {**d, "center": False}  # version 1 dictionaries were never centred
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -313,19 +329,28 @@ class ITDA(torch.nn.Module):
     itda.encode(x [..., d]) -> dense codes [..., n_features] (non-negative, <= k non-zeros per token)
     itda.decode(codes) -> x_hat [..., d];  itda.directions: the atoms [n_features, d], unit norm
     itda.provenance[i]: where atom i came from (prompt, seed, step, token, ...)
+    itda.bias: [d] the mean activation the atoms and tokens are centred on (zeros when not centred)
     """
 
     def __init__(
-        self, cfg: ITDAConfig, atoms: Tensor | None = None, provenance: Mapping[str, list] | None = None
+        self,
+        cfg: ITDAConfig,
+        atoms: Tensor | None = None,
+        provenance: Mapping[str, list] | None = None,
+        bias: Tensor | None = None,
     ):
         super().__init__()
         atoms = torch.zeros(0, cfg.d_in) if atoms is None else atoms.detach().float()
         if atoms.ndim != 2 or atoms.shape[1] != cfg.d_in:
             raise ValueError(f"atoms must be [n, d_in={cfg.d_in}], got {tuple(atoms.shape)}")
+        bias = torch.zeros(cfg.d_in) if bias is None else bias.detach().float()
+        if tuple(bias.shape) != (cfg.d_in,):
+            raise ValueError(f"bias must be [d_in={cfg.d_in}], got {tuple(bias.shape)}")
         if cfg.n_features != atoms.shape[0]:
             cfg = dataclasses.replace(cfg, n_features=atoms.shape[0])
         self.cfg = cfg
         self.register_buffer("atoms", atoms)
+        self.register_buffer("bias", bias)
         n = atoms.shape[0]
         prov = {c: list((provenance or {}).get(c, [])) for c in PROVENANCE_COLUMNS}
         nan = [math.nan] * n
@@ -357,7 +382,8 @@ class ITDA(torch.nn.Module):
 
     @property
     def directions(self) -> Tensor:
-        """[n_features, d_in] unit-norm directions in raw activation space: the atoms themselves."""
+        """[n_features, d_in] unit-norm directions in raw activation space: the atoms themselves
+        (unit(x_j - bias) for a centred ITDA)."""
         return self.atoms
 
     @property
@@ -386,7 +412,8 @@ class ITDA(torch.nn.Module):
     def encode_sparse(self, x: Tensor) -> SparseCode:
         """Raw activations [..., d_in] -> coefficients, indices [..., k]."""
         lead = x.shape[:-1]
-        code = pursuit(x.reshape(-1, self.cfg.d_in), self.atoms, self.cfg.k, self.cfg.encoder)
+        x = x.reshape(-1, self.cfg.d_in).to(self.dtype) - self.bias
+        code = pursuit(x, self.atoms, self.cfg.k, self.cfg.encoder)
         return SparseCode(code.coefficients.view(*lead, -1), code.indices.view(*lead, -1))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -402,13 +429,13 @@ class ITDA(torch.nn.Module):
         """coefficients, indices [..., k] -> x_hat [..., d_in]; no dense codes built."""
         lead, m = coefficients.shape[:-1], coefficients.shape[-1]
         if self.n_atoms == 0:
-            return self.atoms.new_zeros(*lead, self.cfg.d_in)
+            return self.bias.expand(*lead, self.cfg.d_in).clone()
         flat = _combine(indices.reshape(-1, m), coefficients.reshape(-1, m).to(self.dtype), self.atoms)
-        return flat.view(*lead, self.cfg.d_in)
+        return flat.view(*lead, self.cfg.d_in) + self.bias
 
     def decode(self, codes: Tensor) -> Tensor:
         """Dense codes [..., n_features] -> x_hat [..., d_in]."""
-        return codes.to(self.dtype) @ self.atoms
+        return codes.to(self.dtype) @ self.atoms + self.bias
 
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction decode(encode(x)) of raw activations [..., d_in]."""
@@ -417,7 +444,8 @@ class ITDA(torch.nn.Module):
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write folder/cfg.json, folder/itda.safetensors (atoms [n, d] float32) and folder/atoms.parquet,
+        """Write folder/cfg.json, folder/itda.safetensors (atoms [n, d] and bias [d], float32) and
+        folder/atoms.parquet,
         each atomically. Refuses to overwrite another dictionary type's cfg.json (e.g. an SAE's)."""
         folder = Path(folder)
         cfg_path = folder / CFG_FILE
@@ -434,7 +462,11 @@ class ITDA(torch.nn.Module):
         pq = _pyarrow("parquet")
         with atomic_path(folder / PROVENANCE_FILE) as tmp:
             pq.write_table(self.provenance_table(), str(tmp))
-        save_tensors(folder / ATOMS_FILE, {"atoms": self.atoms.float()}, {"format_version": FORMAT_VERSION})
+        save_tensors(
+            folder / ATOMS_FILE,
+            {"atoms": self.atoms.float(), "bias": self.bias.float()},
+            {"format_version": FORMAT_VERSION},
+        )
         write_json(cfg_path, self.cfg.to_dict())
 
     @classmethod
@@ -442,9 +474,9 @@ class ITDA(torch.nn.Module):
         """Read a folder written by `save`. Raises ITDALoadError naming the file and the problem."""
         folder = Path(folder)
         cfg = _read_cfg(folder / CFG_FILE)
-        atoms = _read_atoms(folder / ATOMS_FILE, cfg)
+        atoms, bias = _read_atoms(folder / ATOMS_FILE, cfg)
         provenance = _read_provenance(folder / PROVENANCE_FILE, atoms.shape[0])
-        return cls(cfg, atoms, provenance).to(device).eval()
+        return cls(cfg, atoms, provenance, bias).to(device).eval()
 
 
 _REDO = (
@@ -478,7 +510,7 @@ def _read_cfg(path: Path) -> ITDAConfig:
         raise ITDALoadError(f"{path}: {err}") from err
 
 
-def _read_atoms(path: Path, cfg: ITDAConfig) -> Tensor:
+def _read_atoms(path: Path, cfg: ITDAConfig) -> tuple[Tensor, Tensor]:
     if not path.is_file():
         raise ITDALoadError(f"{path}: the file is missing (its {CFG_FILE} is there); {_REDO}")
     try:
@@ -492,9 +524,22 @@ def _read_atoms(path: Path, cfg: ITDAConfig) -> Tensor:
         raise ITDALoadError(
             f"{path}: format_version {version} is newer than this fluxsae reads; upgrade fluxsae"
         )
-    if set(tensors) != {"atoms"}:
-        raise ITDALoadError(f"{path}: expected one tensor 'atoms', found {sorted(tensors)}; {_REDO}")
+    version = version if isinstance(version, int) else FORMAT_VERSION
+    expected = {"atoms"} if version < 2 else {"atoms", "bias"}
+    if set(tensors) != expected:
+        raise ITDALoadError(
+            f"{path}: expected the tensors {sorted(expected)} (format_version {version}), found "
+            f"{sorted(tensors)}; {_REDO}"
+        )
     atoms = tensors["atoms"]
+    bias = tensors.get("bias", torch.zeros(cfg.d_in))
+    if tuple(bias.shape) != (cfg.d_in,) or not bias.is_floating_point():
+        raise ITDALoadError(
+            f"{path}: bias has shape {list(bias.shape)} and dtype {bias.dtype}, expected [{cfg.d_in}] floats "
+            f"(d_in of {CFG_FILE}); {_REDO}"
+        )
+    if not torch.isfinite(bias).all():
+        raise ITDALoadError(f"{path}: the bias has NaN/inf values; the file is damaged; {_REDO}")
     if tuple(atoms.shape) != (cfg.n_features, cfg.d_in):
         raise ITDALoadError(
             f"{path}: atoms have shape {list(atoms.shape)} but {CFG_FILE} says n_features={cfg.n_features} x "
@@ -509,7 +554,7 @@ def _read_atoms(path: Path, cfg: ITDAConfig) -> Tensor:
     off = ((norms - 1).abs() > 1e-3).sum().item()
     if off:
         raise ITDALoadError(f"{path}: {off} atoms are not unit norm (ITDA atoms always are); {_REDO}")
-    return atoms.float()
+    return atoms.float(), bias.float()
 
 
 def _read_provenance(path: Path, n_atoms: int) -> dict[str, list]:
@@ -568,9 +613,13 @@ class ITDABuilder:
     itda = builder.to_itda(prompts)       # prompts: {prompt_id: text}
     """
 
-    def __init__(self, cfg: ITDAConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ITDAConfig, device: torch.device | str = "cpu", bias: Tensor | None = None):
+        """`bias`: the centre of a centred build ([d]); None: the mean of the first batch."""
         self.cfg = cfg
         d = cfg.d_in
+        self.bias: Tensor | None = None if bias is None else bias.detach().float().to(device)
+        if not cfg.center:
+            self.bias = torch.zeros(d, device=device)
         self._store = torch.zeros(0, d, device=device)  # grows by doubling: atoms are its first rows
         self._n = 0
         floats = ("timestep", "error")
@@ -606,7 +655,13 @@ class ITDABuilder:
         return max(float(self.stats["sq"] / n - mean.dot(mean)), 0.0)
 
     def errors(self, x: Tensor) -> Tensor:
-        """Normalised errors e_i [N] of x [N, d] under the current dictionary (module docstring)."""
+        """Normalised errors e_i [N] of raw activations x [N, d] under the current dictionary (module
+        docstring)."""
+        x = x.to(self.atoms.device, torch.float32)
+        return self._errors(x - self.bias if self.bias is not None else x)
+
+    def _errors(self, x: Tensor) -> Tensor:
+        """`errors` of already centred tokens x - bias."""
         code = pursuit(x, self.atoms, self.cfg.k, self.cfg.encoder)
         x_hat = _combine(code.indices, code.coefficients, self.atoms) if self.n_atoms else torch.zeros_like(x)
         return (x - x_hat).pow(2).sum(1) / max(self.variance(), torch.finfo(torch.float32).tiny)
@@ -627,7 +682,10 @@ class ITDABuilder:
         self.batches_seen += 1
         if self.full or len(x) == 0:
             return BatchReport(len(x), 0, 0, self.n_atoms, math.nan)
-        err = self.errors(x)
+        if self.bias is None:
+            self.bias = x.mean(0)
+        x = x - self.bias
+        err = self._errors(x)
         fvu = err.mean().item()
         cand = (err > self.cfg.threshold).nonzero().squeeze(1).cpu()
         n_candidates, before = len(cand), self.n_atoms
@@ -640,7 +698,7 @@ class ITDABuilder:
             self._append(x[keep], err[keep], keep, provenance, batch)
             if not len(rest):
                 break
-            err[rest] = self.errors(x[rest])
+            err[rest] = self._errors(x[rest])
             cand = rest[(err[rest] > self.cfg.threshold).cpu()]
         return BatchReport(len(x), n_candidates, self.n_atoms - before, self.n_atoms, fvu)
 
@@ -696,12 +754,15 @@ class ITDABuilder:
             self.cfg, n_features=self.n_atoms, mean_token_norm=mean_norm,
             extra={**self.cfg.extra, "build": built, **(extra or {})},
         )  # fmt: skip
-        return ITDA(cfg, self.atoms.clone(), prov)
+        bias = self.bias.clone() if self.bias is not None else None
+        return ITDA(cfg, self.atoms.clone(), prov, bias)
 
     def save(self, path: str | os.PathLike) -> None:
         """Checkpoint the partial dictionary, its provenance, statistics and batch count (atomically)."""
         tensors = {"atoms": self.atoms, **{f"provenance/{f}": v for f, v in self.provenance.items()},
                    **{f"stats/{k}": v for k, v in self.stats.items()}}  # fmt: skip
+        if self.bias is not None:
+            tensors["bias"] = self.bias
         meta = {"cfg": self.cfg.to_dict(), "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen,
                 "format_version": FORMAT_VERSION}  # fmt: skip
         save_tensors(path, tensors, meta)
@@ -717,6 +778,8 @@ class ITDABuilder:
                 f"{path}: not a readable ITDA build checkpoint ({err}); delete it to start over"
             ) from err
         builder.atoms = tensors["atoms"].to(device)
+        if "bias" in tensors:
+            builder.bias = tensors["bias"].to(device)
         builder.provenance = {f: tensors[f"provenance/{f}"] for f in builder.provenance}
         builder.stats = {k: tensors[f"stats/{k}"] for k in builder.stats}
         builder.batches_seen, builder.tokens_seen = meta["batches_seen"], meta["tokens_seen"]
@@ -805,7 +868,8 @@ class AtomSource(NamedTuple):
     """`image` with the cell outlined (PIL)."""
 
     cosine: float
-    """Cosine between the atom and the token captured at its step in this regeneration (~1 when the
+    """Cosine between the atom and the token captured at its step in this regeneration, centred on the
+    ITDA's bias as the atom was (~1 when the
     provenance is right; a batched harvest differs from a batch-1 regeneration only by float error)."""
 
     captured: Tensor
@@ -862,7 +926,8 @@ def atom_source(itda: ITDA, atom: int, pipe, generation: Mapping | None = None) 
     captured = acts[itda.site][0, 0, int(prov["token"])].float().cpu()
     sigma = float(acts.sigmas[0]) if len(acts.sigmas) else math.nan
     atom_vec = itda.atoms[atom].float().cpu()
-    cosine = float(captured @ atom_vec / captured.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    centred = captured - itda.bias.float().cpu()  # atoms are unit(x - bias)
+    cosine = float(centred @ atom_vec / centred.norm().clamp_min(torch.finfo(torch.float32).tiny))
     box = patch = None
     outlined = image.convert("RGB").copy()
     if parse_site(itda.site).stream == "image":

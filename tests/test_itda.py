@@ -208,7 +208,7 @@ def test_rounds_keep_the_first_batch_from_becoming_the_dictionary():
 def test_duplicates_in_a_batch_and_near_duplicates_of_atoms_are_dropped():
     d = 16
     a = unit(1, d, seed=5)[0] * 2
-    b = ITDABuilder(ITDAConfig(d_in=d, k=1, threshold=1e-3))
+    b = ITDABuilder(ITDAConfig(d_in=d, k=1, threshold=1e-3, center=False))
     b.add_batch(torch.stack([a, 2 * a, a + 1e-4, -a]))  # the same direction three times, and its opposite
     assert b.n_atoms == 2 and b.provenance["token"].tolist() == [-1, -1]
     torch.testing.assert_close(b.atoms, torch.stack([a, -a]) / a.norm())
@@ -217,7 +217,7 @@ def test_duplicates_in_a_batch_and_near_duplicates_of_atoms_are_dropped():
     other = other - (other @ a) * a / a.norm() ** 2
     close = 0.9 * a / a.norm() + math.sqrt(1 - 0.81) * other / other.norm()
     for prune, kept in ((None, 3), (0.8, 2)):
-        b2 = ITDABuilder(ITDAConfig(d_in=d, k=1, threshold=1e-3, prune_cosine=prune))
+        b2 = ITDABuilder(ITDAConfig(d_in=d, k=1, threshold=1e-3, prune_cosine=prune, center=False))
         b2.add_batch(torch.stack([a, -a]))
         b2.add_batch(torch.stack([close * 2, close * 2 + 1e-5]))
         assert b2.n_atoms == kept  # ... kept once without pruning, dropped with the reference's 0.8
@@ -244,6 +244,35 @@ def test_held_out_fvu_falls_as_the_dictionary_grows():
     assert fvus[-1] < 0.1
 
 
+def shared_plus_parts(n, seed, d=32):
+    """FLUX-like tokens: a large shared component (mean^2 ~10x the variance) plus a non-negative mix
+    of 3 of 48 parts."""
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.randn(48, d, generator=torch.Generator().manual_seed(99))
+    shared = 6 * torch.randn(d, generator=torch.Generator().manual_seed(98))
+    idx = torch.stack([torch.randperm(48, generator=g)[:3] for _ in range(n)])
+    coef = torch.rand(n, 3, generator=g) + 0.5
+    return (coef[:, :, None] * parts[idx]).sum(1) + shared + 0.1 * torch.randn(n, d, generator=g)
+
+
+def test_centred_atoms_reconstruct_tokens_with_a_shared_component_far_better_than_raw_ones():
+    train, test = shared_plus_parts(2000, seed=1), shared_plus_parts(500, seed=2)
+    batches = [(x, manifest(len(x), 500 * i)) for i, x in enumerate(train.split(500))]
+    fvu = {}
+    for center in (False, True):
+        itda = build_itda(batches, d_in=32, k=4, threshold=0.1, max_atoms=64, center=center)
+        fvu[center] = reconstruction_metrics(itda, test)["fvu"]
+    assert fvu[True] < 0.6 * fvu[False], fvu
+    # the centre is the first batch's mean; atoms are unit(token - bias), traceable to their token
+    torch.testing.assert_close(itda.bias, train[:500].mean(0))
+    torch.testing.assert_close(itda.decode(torch.zeros(3, 64)), itda.bias.expand(3, 32))
+    i = 10
+    token = train[itda.provenance[i]["token"]]
+    torch.testing.assert_close(itda.atoms[i], (token - itda.bias) / (token - itda.bias).norm())
+    code = itda.encode_sparse(test[:8])
+    torch.testing.assert_close(itda.decode_sparse(*code), itda.decode(itda.encode(test[:8])))
+
+
 def test_killed_build_resumes_to_the_same_dictionary(tmp_path):
     data = clustered(2400)
     batches = [(x, manifest(len(x), 300 * i)) for i, x in enumerate(data.split(300))]
@@ -264,6 +293,7 @@ def test_killed_build_resumes_to_the_same_dictionary(tmp_path):
                          checkpoint_every=2, on_batch=seen.append)  # fmt: skip
     assert len(seen) == len(batches) - 4
     assert torch.equal(resumed.atoms, clean.atoms) and resumed.provenance == clean.provenance
+    assert torch.equal(resumed.bias, clean.bias) and clean.bias.abs().sum() > 0
     assert resumed.cfg == clean.cfg
     with pytest.raises(ValueError, match="other settings"):
         build_itda(batches, d_in=16, k=4, threshold=0.2, checkpoint=ckpt)
@@ -286,10 +316,24 @@ def test_save_load_round_trip_is_exact(saved):
     itda, folder = saved
     loaded = ITDA.load(folder)
     assert torch.equal(loaded.atoms, itda.atoms) and loaded.cfg == itda.cfg
+    assert torch.equal(loaded.bias, itda.bias) and itda.cfg.center and itda.bias.abs().sum() > 0
     assert loaded.provenance == itda.provenance and loaded.provenance[3]["prompt"].startswith("prompt ")
     x = clustered(50, seed=7)
     assert torch.equal(loaded.encode(x), itda.encode(x))
     assert {p.name for p in folder.iterdir()} == {"cfg.json", "itda.safetensors", "atoms.parquet"}
+
+
+def test_a_version_1_folder_without_a_bias_loads_as_an_uncentred_itda(saved):
+    itda, folder = saved
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["center"]
+    write_json(folder / "cfg.json", {**cfg, "format_version": 1})
+    save_tensors(folder / "itda.safetensors", {"atoms": itda.atoms}, {"format_version": 1})
+    old = ITDA.load(folder)
+    assert not old.cfg.center and torch.equal(old.bias, torch.zeros(16))
+    x = clustered(40, seed=3)
+    code = pursuit(x, itda.atoms, 3)  # raw pursuit, as version 1 encoded
+    assert torch.equal(old.encode_sparse(x).indices, code.indices)
 
 
 def test_an_itda_never_overwrites_an_sae_in_the_same_folder(saved, tmp_path):
@@ -309,9 +353,17 @@ def _edit_cfg(folder, **changes):
 
 
 def _nan_atoms(folder):
-    atoms = ITDA.load(folder).atoms.clone()
+    itda = ITDA.load(folder)
+    atoms = itda.atoms.clone()
     atoms[2, 5] = math.nan
-    save_tensors(folder / "itda.safetensors", {"atoms": atoms})
+    save_tensors(folder / "itda.safetensors", {"atoms": atoms, "bias": itda.bias}, {"format_version": 2})
+
+
+def _nan_bias(folder):
+    itda = ITDA.load(folder)
+    bias = itda.bias.clone()
+    bias[3] = math.inf
+    save_tensors(folder / "itda.safetensors", {"atoms": itda.atoms, "bias": bias}, {"format_version": 2})
 
 
 def _drop_provenance_row(folder):
@@ -335,6 +387,7 @@ BREAKS = {
     ),
     "shape mismatch": (lambda f: _edit_cfg(f, n_features=3), r"itda.safetensors: atoms have shape .*=3"),
     "nan atoms": (_nan_atoms, r"itda.safetensors: 1 atoms have NaN"),
+    "nan bias": (_nan_bias, r"itda.safetensors: the bias has NaN/inf"),
     "provenance rows": (_drop_provenance_row, r"atoms.parquet: \d+ provenance rows for \d+ atoms"),
     "newer format": (lambda f: _edit_cfg(f, format_version=99), r"cfg.json: format_version 99 is newer"),
     "unknown key": (lambda f: _edit_cfg(f, colour="red"), r"cfg.json: unknown ITDA config keys \['colour'\]"),
@@ -444,3 +497,15 @@ def test_an_atom_regenerates_from_its_provenance(harvested, tmp_path):
         )
     with pytest.raises(IndexError, match="out of range"):
         atom_source(itda, itda.n_atoms, pipe)
+
+
+def test_boolean_build_settings_have_on_and_off_flags():
+    import argparse
+
+    from training.cli import add_config_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, build_cmd.BuildConfig)
+    required = ["--acts", "h", "--site", SITE]
+    assert config_from_args(build_cmd.BuildConfig, p.parse_args(required)).center is True
+    assert config_from_args(build_cmd.BuildConfig, p.parse_args([*required, "--no-center"])).center is False

@@ -57,6 +57,8 @@ class BuildConfig:
     """Candidates of one batch added per round before the rest are re-checked (0: all at once)."""
     encoder: Literal["gradient_pursuit", "matching_pursuit"] = "gradient_pursuit"
     """How codes are computed."""
+    center: bool = True
+    """Centre atoms and tokens on the mean activation of the first batch (fluxsae.itda); False: raw atoms."""
     batch_size: int = 4096
     """Tokens per batch."""
     held_out: float = 0.1
@@ -111,7 +113,7 @@ def itda_config(cfg: BuildConfig, store: ActivationStore) -> ITDAConfig:
     return ITDAConfig(
         d_in=store.dim(cfg.site), k=cfg.k, site=cfg.site, base_model=harvest["model"],
         base_revision=harvest.get("revision"), threshold=cfg.threshold, max_atoms=cfg.max_atoms or None,
-        prune_cosine=cfg.prune_cosine or None, round_size=cfg.round_size or None, encoder=cfg.encoder,
+        prune_cosine=cfg.prune_cosine or None, round_size=cfg.round_size or None, encoder=cfg.encoder, center=cfg.center,
         steps=tuple(harvest["steps"]), resolution=(gen["height"], gen["width"]), dtype=harvest["dtype"],
         quantization=harvest.get("quantization"), extra={"generation": gen},
     )  # fmt: skip
@@ -164,7 +166,7 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
         if cfg.eval_tokens and len(x) > cfg.eval_tokens:
             g = torch.Generator().manual_seed(cfg.seed + 1)
             x = x[torch.randperm(len(x), generator=g)[: cfg.eval_tokens]]
-        result["held_out"] = reconstruction_metrics(itda, x.to(device))
+        result["held_out"] = reconstruction_metrics(itda, x)
     extra = {**itda.cfg.extra, "build_config": asdict(cfg), **result}
     itda.cfg = dataclasses.replace(itda.cfg, extra=extra)
     if out is not None:

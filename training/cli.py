@@ -21,12 +21,14 @@ def field_docs(cls) -> dict[str, str]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """A `--field-name` flag per field of `cls`: required when the field has no default,
-    `choices` for `Literal[...]` fields, the field's docstring as help."""
+    `choices` for `Literal[...]` fields, `--field/--no-field` for booleans, the field's docstring as help."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name)
         if f.default is dataclasses.MISSING:
             parser.add_argument(flag, required=True, type=str, help=doc)
+        elif hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         elif typing.get_origin(hints[f.name]) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hints[f.name]), default=f.default, help=doc)
         else:
