@@ -125,12 +125,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=shapes_dictionaries_dir())
     p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
     p.add_argument(
-        "--prompts", type=int, default=1500, help="harvested generations (512 tokens per site each)"
+        "--prompts", type=int, default=3000, help="harvested generations (512 tokens per site each)"
     )
     p.add_argument("--n-features", type=int, default=2048)
-    p.add_argument("--k", type=int, default=16)
+    p.add_argument(
+        "--k", type=int, default=24,
+        help="L0 of both methods (k 16 left the double block's spliced-in velocity at 0.87 recovered)",
+    )  # fmt: skip
     p.add_argument("--tokens", type=int, default=24_000_000)
-    p.add_argument("--itda-threshold", type=float, default=0.3)
+    p.add_argument(
+        "--itda-threshold", type=float, default=0.1,
+        help="low enough that the ITDA fills up to --n-features atoms (the cap) within the first batches",
+    )  # fmt: skip
     p.add_argument("--eval-prompts", type=int, default=16)
     args = p.parse_args(argv)
 
