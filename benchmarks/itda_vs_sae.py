@@ -7,9 +7,10 @@ equal dictionary size. This measures those claims on our activations:
 - ITDAs are built at the SAE's L0 (its k) with several thresholds (one pass over the training shards,
   or the first `--build-tokens` of them), plus one capped at the SAE's width, so dictionary sizes run
   from small to >= the SAE's width; the capped one is also built without centring ("raw": atoms are
-  the tokens themselves, no bias), to show what centring buys. Held-out FVU of each (the shards the SAE never saw either:
-  `split_shards` with the same `--held-out`) beside the SAE's, and the build time beside the SAE's
-  training time (`cfg.extra["seconds_this_run"]` of the SAE folder, when recorded).
+  the tokens themselves, no bias), to show what centring buys. Held-out FVU of each (the shards the
+  SAE never saw either: `split_shards` with the same `--held-out`) beside the SAE's, and the build
+  time beside the SAE's training time (`cfg.extra["seconds_this_run"]` of the SAE folder, when
+  recorded).
 - Encode throughput (tokens/s) of ITDAs of up to 50,000 atoms. Building that many atoms takes long, so
   these dictionaries are real training activations sampled at random and unit-normalised: the same
   shapes and the same pursuit, for speed only (their FVU is not reported). The SAE's encode speed is
@@ -83,32 +84,43 @@ def plot(result: dict, png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     sae, speed = result["sae"], sorted(result["throughput"], key=lambda r: r["n_atoms"])
     rows = sorted(result["itda"], key=lambda r: r["n_atoms"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax = axes[0]
-    ax.plot([r["n_atoms"] for r in rows], [r["fvu"] for r in rows], "o-", label=f"ITDA (k={sae['k']})")
-    for r in rows:
-        ax.annotate(
-            r["label"], (r["n_atoms"], r["fvu"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    ax.plot([sae["n_features"]], [sae["fvu"]], "r*", ms=12, label=f"TopK SAE (k={sae['k']})")
-    ax.set(xscale="log", xlabel="dictionary size", ylabel="held-out FVU", title="Reconstruction")
-    ax.legend()
-    ax = axes[1]
-    ax.plot([r["n_atoms"] for r in rows], [r["build_seconds"] for r in rows], "o-", label="ITDA build")
-    if sae.get("train_seconds"):
-        ax.axhline(sae["train_seconds"], color="r", ls="--", label="SAE training")
-    ax.set(xscale="log", yscale="log", xlabel="dictionary size", ylabel="seconds", title="Build time")
-    ax.legend()
+    # one pass at a threshold (a line), capped at the SAE's width (markers), capped without centring
+    sweep = [r for r in rows if not r.get("max_atoms")]
+    capped = [r for r in rows if r.get("max_atoms") and r.get("center", True)]
+    raw = [r for r in rows if r.get("max_atoms") and not r.get("center", True)]
+    series = [(sweep, "o-", "C0", "ITDA, threshold sweep"), (capped, "s", "C2", "ITDA, capped at SAE width"),
+              (raw, "x", "gray", "ITDA, capped, raw atoms (no centring)")]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = ((axes[0], "fvu", "Reconstruction (held out)"), (axes[1], "build_seconds", "Build time"))
+    for ax, key, title in panels:
+        for rs, style, color, label in series:
+            if rs:
+                ax.plot([r["n_atoms"] for r in rs], [r[key] for r in rs], style, color=color, label=label)
+        if key == "fvu":
+            for r in rows:
+                ax.annotate(r["label"], (r["n_atoms"], r["fvu"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+            ax.plot([sae["n_features"]], [sae["fvu"]], "r*", ms=12, label=f"TopK SAE (k={sae['k']})")
+            ax.set(ylabel="held-out FVU", title=f"{title}, L0 {sae['k']}")
+        else:
+            if sae.get("train_seconds"):
+                ax.axhline(sae["train_seconds"], color="r", ls="--", label="SAE training")
+            ax.set(yscale="log", ylabel="seconds", title=title)
+        ax.set(xscale="log", xlabel="dictionary size")
+        ax.legend(fontsize=7)
     ax = axes[2]
     ax.plot([r["n_atoms"] for r in speed], [r["tokens_per_s"] for r in speed], "o-", label="ITDA encode")
     ax.plot([sae["n_features"]], [sae["encode_tokens_per_s"]], "r*", ms=12, label="SAE encode")
     ax.set(xscale="log", yscale="log", xlabel="dictionary size", ylabel="tokens / s", title="Encode speed")
-    ax.legend()
+    ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle(f"ITDA vs TopK SAE at {result['site']}", fontsize=10)
     fig.tight_layout()
     with atomic_path(png) as tmp:

@@ -445,8 +445,8 @@ class ITDA(torch.nn.Module):
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write folder/cfg.json, folder/itda.safetensors (atoms [n, d] and bias [d], float32) and
-        folder/atoms.parquet,
-        each atomically. Refuses to overwrite another dictionary type's cfg.json (e.g. an SAE's)."""
+        folder/atoms.parquet, each atomically. Refuses to overwrite another dictionary type's cfg.json
+        (e.g. an SAE's)."""
         folder = Path(folder)
         cfg_path = folder / CFG_FILE
         if cfg_path.is_file():

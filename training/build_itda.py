@@ -113,7 +113,8 @@ def itda_config(cfg: BuildConfig, store: ActivationStore) -> ITDAConfig:
     return ITDAConfig(
         d_in=store.dim(cfg.site), k=cfg.k, site=cfg.site, base_model=harvest["model"],
         base_revision=harvest.get("revision"), threshold=cfg.threshold, max_atoms=cfg.max_atoms or None,
-        prune_cosine=cfg.prune_cosine or None, round_size=cfg.round_size or None, encoder=cfg.encoder, center=cfg.center,
+        prune_cosine=cfg.prune_cosine or None, round_size=cfg.round_size or None, encoder=cfg.encoder,
+        center=cfg.center,
         steps=tuple(harvest["steps"]), resolution=(gen["height"], gen["width"]), dtype=harvest["dtype"],
         quantization=harvest.get("quantization"), extra={"generation": gen},
     )  # fmt: skip
