@@ -38,10 +38,13 @@ def generate(pipe, scenes, seed: int, batch: int = 25) -> list[Image.Image]:
     return images
 
 
-def held_out_rate(scenes, read) -> float:
-    """Over objects with a held-out (colour, shape) pair: a read object in the same cell has both right."""
+def held_out_rate(scenes, read, n_objects: int | None = None) -> float:
+    """Over objects with a held-out (colour, shape) pair: a read object in the same cell has both right.
+    `n_objects`: only scenes of that many objects (None: all)."""
     hits = []
     for true, got in zip(scenes, read, strict=True):
+        if n_objects is not None and len(true.objects) != n_objects:
+            continue
         for obj in true.objects:
             if (obj.color, obj.shape) in shapes.HELD_OUT_PAIRS:
                 same_cell = [o for o in got.objects if o.position == obj.position]
@@ -80,7 +83,11 @@ def main() -> None:
     acc = shapes.attribute_accuracy(scenes, [shapes.read_attributes(im) for im in images])
     held = shapes.sample_scenes(args.held_out_scenes, seed=SEED + 1, held_out="only")
     held_images = generate(pipe, held, SEED + 10_000)
-    acc["held_out_color_and_shape"] = held_out_rate(held, [shapes.read_attributes(im) for im in held_images])
+    held_read = [shapes.read_attributes(im) for im in held_images]
+    acc["held_out_color_and_shape"] = held_out_rate(held, held_read)
+    # apart: composing a new pair (one object) vs also binding it next to another object (two)
+    acc["held_out_color_and_shape:one"] = held_out_rate(held, held_read, n_objects=1)
+    acc["held_out_color_and_shape:two"] = held_out_rate(held, held_read, n_objects=2)
 
     times = []
     caption = shapes.caption(scenes[0])

@@ -65,3 +65,38 @@ def test_packaged_dictionaries_reconstruct_fresh_activations(pipe, site):
         assert dictionary.cfg.n_features == 2048 and dictionary.cfg.k == 24
         metrics = reconstruction_metrics(dictionary, x)
         assert metrics["fvu"] < 0.10 and metrics["l0"] <= 24, (type(dictionary).__name__, metrics)
+
+
+def test_training_resumes_after_a_kill_to_the_same_weights_and_can_cut_the_pooled_path(tmp_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    from training import shapes_model as sm
+
+    tiny = ["--vae-steps", "4", "--dit-steps", "4", "--latent-scenes", "48", "--eval-scenes", "0",
+            "--dit-batch", "4", "--vae-batch", "4", "--checkpoint-every", "2",
+            "--set", "pooled_text=false", "--set", "vae_channels=8,16,16",
+            "--set", "text_dim=32"]  # fmt: skip
+    sm.main([*tiny, "--work", str(tmp_path / "clean"), "--out", str(tmp_path / "clean_model")])
+
+    update = sm.EMA.update
+
+    def dying(self, modules, step):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after the step-2 checkpoint
+        update(self, modules, step)
+
+    monkeypatch.setattr(sm.EMA, "update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sm.main([*tiny, "--work", str(tmp_path / "killed"), "--out", str(tmp_path / "killed_model")])
+    assert not (tmp_path / "killed_model").exists()
+    monkeypatch.setattr(sm.EMA, "update", update)
+    sm.main([*tiny, "--work", str(tmp_path / "killed"), "--out", str(tmp_path / "killed_model")])
+
+    clean = FluxTransformer2DModel.from_pretrained(tmp_path / "clean_model" / "transformer").state_dict()
+    resumed = FluxTransformer2DModel.from_pretrained(tmp_path / "killed_model" / "transformer").state_dict()
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    pooled = "time_text_embed.text_embedder.linear_2"
+    assert clean[f"{pooled}.weight"].abs().sum() == 0 and clean[f"{pooled}.bias"].abs().sum() == 0
+    assert clean["x_embedder.weight"].abs().sum() > 0
+    with pytest.raises(SystemExit, match="not a bool"):
+        sm.main([*tiny[:-6], "--set", "pooled_text=maybe", "--work", str(tmp_path / "bad")])

@@ -69,6 +69,11 @@ class ShapesModelConfig:
     empty_prompt_rate: float = 0.1
     """Share of captions replaced by "" so the model also learns the unconditional distribution
     (classifier-free guidance, GENERATION_DEFAULTS["true_cfg_scale"], needs it)."""
+    pooled_text: bool = True
+    """Condition on CLIP's pooled vector, FLUX's global text embedding (it modulates every image token
+    alike). False: the transformer's pooled projection is zeroed and frozen, so the prompt reaches the
+    image only through joint attention to T5's tokens, the one path that can tell which object an
+    attribute belongs to."""
     text_dim: int = 128
     text_layers: int = 3
     vae_channels: tuple[int, ...] = (32, 64, 64)
@@ -251,7 +256,14 @@ def train_transformer(
         "text_encoder": pipe.text_encoder,
         "text_encoder_2": pipe.text_encoder_2,
     }
-    params = [p for m in modules.values() for p in m.parameters()]
+    if not cfg.pooled_text:
+        pooled_proj = pipe.transformer.time_text_embed.text_embedder.linear_2
+        with torch.no_grad():
+            pooled_proj.weight.zero_()
+            pooled_proj.bias.zero_()
+        pipe.transformer.time_text_embed.text_embedder.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)  # its pooled output is all the pipeline uses of it
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.dit_weight_decay, betas=(0.9, 0.99))
     ema = EMA(modules, cfg.ema_decay)
     ckpt = work / "transformer.safetensors"
@@ -354,6 +366,10 @@ def parse_overrides(items: list[str]) -> dict:
         try:
             if isinstance(default, tuple):
                 out[name] = tuple(type(default[0])(v) for v in value.split(","))
+            elif isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[name] = value.lower() in ("true", "1")
             else:
                 out[name] = type(default)(value)
         except ValueError:
