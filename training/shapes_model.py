@@ -73,7 +73,8 @@ class ShapesModelConfig:
     """Condition on CLIP's pooled vector, FLUX's global text embedding (it modulates every image token
     alike). False: the transformer's pooled projection is zeroed and frozen, so the prompt reaches the
     image only through joint attention to T5's tokens, the one path that can tell which object an
-    attribute belongs to."""
+    attribute belongs to. Tried with this recipe: worse on every figure, two objects included
+    (benchmarks/README.md); the packaged model keeps it on."""
     text_dim: int = 128
     text_layers: int = 3
     vae_channels: tuple[int, ...] = (32, 64, 64)
