@@ -12,6 +12,10 @@ Three stages, each seeded and resumable (checkpoints are written atomically ever
      x_t = (1 - sigma) x0 + sigma noise, target noise - x0, prompts through `pipe.encode_prompt`
      with the fixed `max_sequence_length` of GENERATION_DEFAULTS (FLUX gives T5 no attention mask,
      so training and sampling must pad to the same length).
+     Two linear probes, dropped afterwards, add auxiliary losses that teach binding: on T5's output
+     tokens (each word must say which object it describes: colour, shape, size and position of its
+     phrase) and on the image tokens after one double block (each token must say which object
+     covers it). Without them T5 stayed a bag of words and two objects swapped their attributes.
 Every batch is a pure function of (seed, step), so a resumed run continues the same sequence.
 """
 
@@ -35,6 +39,7 @@ from tqdm import tqdm
 from fluxsae import shapes
 from fluxsae.fileio import atomic_path, load_tensors, save_tensors, write_json
 from fluxsae.pipelines import shapes_model_dir
+from fluxsae.sites import resolve_site
 from fluxsae.testing import flux_components
 
 logger = logging.getLogger("training.shapes_model")
@@ -73,8 +78,18 @@ class ShapesModelConfig:
     """Condition on CLIP's pooled vector, FLUX's global text embedding (it modulates every image token
     alike). False: the transformer's pooled projection is zeroed and frozen, so the prompt reaches the
     image only through joint attention to T5's tokens, the one path that can tell which object an
-    attribute belongs to. Tried with this recipe: worse on every figure, two objects included
-    (benchmarks/README.md); the packaged model keeps it on."""
+    attribute belongs to. Tried before the binding probes existed: worse on every figure, two objects
+    included (benchmarks/README.md); the packaged model keeps it on."""
+    text_probe_weight: float = 1.0
+    """Weight of an auxiliary loss that teaches T5 which words belong together: a linear probe on every
+    T5 output token must predict the colour, shape, size and position of the object whose phrase the
+    token is in ("no object" outside them). The diffusion loss alone left T5 a bag of words: two
+    objects got each other's colours as often as their own. The probe is dropped after training."""
+    image_probe_weight: float = 1.0
+    """Weight of the same probe on the image tokens after double block `image_probe_block`: each
+    token must predict the attributes of the object covering it (COVER_FRACTION) or "no object", at
+    every noise level, so the transformer must fetch from the prompt what belongs at its position."""
+    image_probe_block: int = 2
     text_dim: int = 128
     text_layers: int = 3
     vae_channels: tuple[int, ...] = (32, 64, 64)
@@ -189,20 +204,21 @@ def train_vae(vae, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, de
 # ----------------------------------------------------------------------------- stage 2: latents
 
 
-@torch.no_grad()
-def encode_latents(
-    vae, cfg: ShapesModelConfig, work: Path, device: str
-) -> tuple[torch.Tensor, list[str], float, float]:
-    """Encode `latent_scenes` scenes once; returns (latents [n, c, 16, 16], captions, shift, scale)."""
-    path = work / "latents.safetensors"
+def transformer_scenes(cfg: ShapesModelConfig) -> list:
+    """The scenes the transformer stage trains on: one-object ones first, then two-object ones."""
     n_two = round(cfg.latent_scenes * cfg.two_object_rate)
     seed = cfg.seed * 1_000_003 + 2 * 100_003
     scenes = shapes.sample_scenes(cfg.latent_scenes - n_two, seed=seed, n_objects=1)
-    scenes += shapes.sample_scenes(n_two, seed=seed + 1, n_objects=2)
-    captions = [shapes.caption(s) for s in scenes]
+    return scenes + shapes.sample_scenes(n_two, seed=seed + 1, n_objects=2)
+
+
+@torch.no_grad()
+def encode_latents(vae, scenes: list, work: Path, device: str) -> tuple[torch.Tensor, float, float]:
+    """Encode the scenes once; returns (latents [n, c, 16, 16], shift, scale)."""
+    path = work / "latents.safetensors"
     if path.exists():
         tensors, meta = load_tensors(path)
-        return tensors["latents"], captions, meta["shift"], meta["scale"]
+        return tensors["latents"], meta["shift"], meta["scale"]
     vae.eval()
     chunks = []
     for i in tqdm(range(0, len(scenes), 256), desc="latents"):
@@ -210,7 +226,71 @@ def encode_latents(
     latents = torch.cat(chunks)
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     save_tensors(path, {"latents": latents}, {"shift": shift, "scale": scale})
-    return latents, captions, shift, scale
+    return latents, shift, scale
+
+
+# ----------------------------------------------------------------------------- binding probes
+
+PROBED_ATTRIBUTES = (
+    ("color", tuple(shapes.COLORS)), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
+    ("position", shapes.POSITIONS),
+)  # fmt: skip
+"""What the probes predict per token: each attribute's classes, plus one more, "no object"."""
+NO_OBJECT = [len(names) for _, names in PROBED_ATTRIBUTES]
+"""The "no object" class of each attribute."""
+IGNORE = -100
+"""A token without a target (cross_entropy's ignore_index)."""
+
+
+def _object_classes(obj) -> list[int]:
+    return [names.index(getattr(obj, attribute)) for attribute, names in PROBED_ATTRIBUTES]
+
+
+def text_targets(scene, length: int) -> torch.Tensor:
+    """[length, 4] classes for the T5 tokens of `caption(scene)` (word-level tokenizer, no bos):
+    each word of an object's phrase gets that object's attributes; "and", the closing "on a ...
+    background", </s> and padding get "no object"."""
+    out = torch.tensor([NO_OBJECT] * length)
+    objects = iter(scene.objects)
+    obj = next(objects, None)
+    for i, word in enumerate(shapes.caption(scene).split()[:length]):
+        if word in ("and", "on"):  # the caption's only connectives: the next phrase starts after them
+            obj = next(objects, None)
+        elif obj is not None:
+            out[i] = torch.tensor(_object_classes(obj))
+    return out
+
+
+def image_targets(scene) -> torch.Tensor:
+    """[64, 4] classes for the image tokens (row-major 8x8): the attributes of the object that
+    covers most of the token if it covers at least COVER_FRACTION of it, else "no object"."""
+    out = torch.tensor([NO_OBJECT] * shapes.TOKEN_GRID**2)
+    if scene.objects:
+        masks = [shapes.object_mask(obj) for obj in scene.objects]
+        cover = np.stack([shapes.world.token_coverage(mask).reshape(-1) for mask in masks])
+        best = cover.argmax(0)
+        for i, obj in enumerate(scene.objects):
+            shown = torch.from_numpy((best == i) & (cover[i] >= shapes.world.COVER_FRACTION))
+            out[shown] = torch.tensor(_object_classes(obj))
+    return out
+
+
+class AttributeProbe(torch.nn.Module):
+    """A linear read-out, per token, of the attributes of the object the token stands for (training
+    only: it shapes what the text encoder and the transformer compute, and is not saved)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, sum(n + 1 for n in NO_OBJECT))
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over attributes of the cross-entropy; `hidden` [b, t, d], `targets` [b, t, 4]."""
+        logits = self.linear(hidden.float()).split([n + 1 for n in NO_OBJECT], dim=-1)
+        losses = [
+            F.cross_entropy(z.flatten(0, 1), targets[..., i].flatten(), ignore_index=IGNORE)
+            for i, z in enumerate(logits)
+        ]
+        return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------- stage 3: transformer
@@ -248,7 +328,7 @@ def sample_sigmas(cfg: ShapesModelConfig, g: torch.Generator) -> torch.Tensor:
 
 
 def train_transformer(
-    pipe, latents, captions, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, device: str
+    pipe, latents, scenes, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, device: str
 ) -> dict:
     from diffusers import FluxPipeline
 
@@ -257,6 +337,18 @@ def train_transformer(
         "text_encoder": pipe.text_encoder,
         "text_encoder_2": pipe.text_encoder_2,
     }
+    max_len = shapes.GENERATION_DEFAULTS["max_sequence_length"]
+    captions = [shapes.caption(s) for s in scenes]
+    torch.manual_seed(cfg.seed)
+    probes = {
+        "text_probe": AttributeProbe(pipe.text_encoder_2.config.d_model).to(device),
+        "image_probe": AttributeProbe(pipe.transformer.inner_dim).to(device),
+    }
+    text_target = torch.stack([text_targets(s, max_len) for s in scenes])
+    image_target = torch.stack([image_targets(s) for s in scenes])
+    probed: list[torch.Tensor] = []  # the image tokens after double block `image_probe_block`
+    site, block = resolve_site(pipe.transformer, f"transformer_blocks.{cfg.image_probe_block}.image")
+    hook = block.register_forward_hook(lambda _m, _i, out: probed.append(out[site.output_position]))
     if not cfg.pooled_text:
         pooled_proj = pipe.transformer.time_text_embed.text_embedder.linear_2
         with torch.no_grad():
@@ -264,64 +356,77 @@ def train_transformer(
             pooled_proj.bias.zero_()
         pipe.transformer.time_text_embed.text_embedder.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)  # its pooled output is all the pipeline uses of it
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    params = [p for m in (*modules.values(), *probes.values()) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.dit_weight_decay, betas=(0.9, 0.99))
     ema = EMA(modules, cfg.ema_decay)
     ckpt = work / "transformer.safetensors"
+    checkpointed = {**modules, **probes, **{f"ema_{k}": v for k, v in ema.shadow.items()}}
     start = 0
     if ckpt.exists():
-        start = load_checkpoint(ckpt, {**modules, **{f"ema_{k}": v for k, v in ema.shadow.items()}}, opt)[
-            "step"
-        ]
+        start = load_checkpoint(ckpt, checkpointed, opt)["step"]
         logger.info("transformer: resuming at step %d", start)
     if start >= cfg.dit_steps:
+        hook.remove()
         return ema.shadow
-    for m in modules.values():
+    for m in (*modules.values(), *probes.values()):
         m.train()
     n, c, h, w = latents.shape
-    max_len = shapes.GENERATION_DEFAULTS["max_sequence_length"]
     img_ids = FluxPipeline._prepare_latent_image_ids(cfg.dit_batch, h // 2, w // 2, device, torch.float32)
     log = open(work / "transformer_log.jsonl", "a")
     bar = tqdm(
         range(start, cfg.dit_steps), initial=start, total=cfg.dit_steps, desc="transformer", smoothing=0.05
     )
-    for step in bar:
-        g = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
-        idx = torch.randint(0, n, (cfg.dit_batch,), generator=g)
-        drop = torch.rand(cfg.dit_batch, generator=g) < cfg.empty_prompt_rate
-        prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-        x0 = FluxPipeline._pack_latents(latents[idx], cfg.dit_batch, c, h, w)
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = sample_sigmas(cfg, g)
-        x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
-        s = sigma.view(-1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        lr = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.dit_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompts, None, device=device, max_sequence_length=max_len
-        )
-        v = pipe.transformer(
-            hidden_states=x_t, timestep=sigma, pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
-            txt_ids=text_ids, img_ids=img_ids, guidance=None, return_dict=False,
-        )[0]  # fmt: skip
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(modules, step)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr}) + "\n")
-            log.flush()
-        if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.dit_steps:
-            save_checkpoint(
-                ckpt, step + 1, {**modules, **{f"ema_{k}": v for k, v in ema.shadow.items()}}, opt
+    try:
+        for step in bar:
+            g = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
+            idx = torch.randint(0, n, (cfg.dit_batch,), generator=g)
+            drop = torch.rand(cfg.dit_batch, generator=g) < cfg.empty_prompt_rate
+            prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+            x0 = FluxPipeline._pack_latents(latents[idx], cfg.dit_batch, c, h, w)
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = sample_sigmas(cfg, g)
+            x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
+            s = sigma.view(-1, 1, 1)
+            x_t = (1 - s) * x0 + s * noise
+            lr = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.dit_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                prompts, None, device=device, max_sequence_length=max_len
             )
-    log.close()
+            probed.clear()
+            v = pipe.transformer(
+                hidden_states=x_t, timestep=sigma, pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, guidance=None,
+                return_dict=False,
+            )[0]  # fmt: skip
+            flow = F.mse_loss(v, noise - x0)
+            # Dropped captions: T5 saw "", so "no object" everywhere; the image's targets are unknowable.
+            dropped = drop.view(-1, 1, 1)
+            text_probe = probes["text_probe"].loss(
+                prompt_embeds, torch.where(dropped, torch.tensor(NO_OBJECT), text_target[idx]).to(device)
+            )
+            image_probe = probes["image_probe"].loss(
+                probed[0], torch.where(dropped, IGNORE, image_target[idx]).to(device)
+            )
+            loss = flow + cfg.text_probe_weight * text_probe + cfg.image_probe_weight * image_probe
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.update(modules, step)
+            if step % 50 == 0:
+                losses = {"loss": flow, "text_probe": text_probe, "image_probe": image_probe}
+                losses = {name: value.item() for name, value in losses.items()}
+                bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()})
+                log.write(json.dumps({"step": step, **losses, "lr": lr}) + "\n")
+                log.flush()
+            if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.dit_steps:
+                save_checkpoint(ckpt, step + 1, checkpointed, opt)
+    finally:
+        log.close()
+        hook.remove()
     return ema.shadow
 
 
@@ -422,12 +527,13 @@ def main(argv=None) -> None:
             m.to(args.device)
     train_vae(components["vae"], cfg, work, args.checkpoint_every, args.device)
     components["vae"].eval().requires_grad_(False)
-    latents, captions, shift, scale = encode_latents(components["vae"], cfg, work, args.device)
+    scenes = transformer_scenes(cfg)
+    latents, shift, scale = encode_latents(components["vae"], scenes, work, args.device)
     latents = (latents - shift) * scale
     components["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
     pipe = FluxPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    ema = train_transformer(pipe, latents, captions, cfg, work, args.checkpoint_every, args.device)
+    ema = train_transformer(pipe, latents, scenes, cfg, work, args.checkpoint_every, args.device)
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
