@@ -52,6 +52,26 @@ def held_out_rate(scenes, read, n_objects: int | None = None) -> float:
     return float(np.mean(hits))
 
 
+def binding_breakdown(scenes, read) -> dict[str, float]:
+    """Where two-object scenes go wrong. Over two-object scenes: two objects read ("two:count"), both
+    in the caption's cells ("two:cells"); over the objects of the scenes with both cells right, each
+    attribute right ("two:<attribute>") and, where the two objects differ in it, taken from the
+    other object ("two:<attribute>_swapped": binding failed, the attribute itself was drawn)."""
+    two = [(t, r) for t, r in zip(scenes, read, strict=True) if len(t.objects) == 2]
+    cells = [(t, r) for t, r in two if [o.position for o in r.objects] == [o.position for o in t.objects]]
+    out = {"two:count": np.mean([len(r.objects) == 2 for _, r in two]), "two:cells": len(cells) / len(two)}
+    for attribute in ("color", "shape", "size"):
+        right, swapped = [], []
+        for t, r in cells:
+            for want, got, other in zip(t.objects, r.objects, t.objects[::-1], strict=True):
+                value = getattr(got, attribute)
+                right.append(value == getattr(want, attribute))
+                if getattr(want, attribute) != getattr(other, attribute):
+                    swapped.append(value == getattr(other, attribute))
+        out[f"two:{attribute}"], out[f"two:{attribute}_swapped"] = np.mean(right), np.mean(swapped)
+    return {k: float(v) for k, v in out.items()}
+
+
 def grid(scenes, images, path: Path, columns: int = 8) -> None:
     """Pairs of rows: the rendered truth above what the model drew, captions in the file's JSON."""
     rows = -(-len(scenes) // columns)
@@ -80,7 +100,8 @@ def main() -> None:
 
     scenes = shapes.sample_scenes(args.scenes, seed=SEED, held_out="exclude")
     images = generate(pipe, scenes, SEED)
-    acc = shapes.attribute_accuracy(scenes, [shapes.read_attributes(im) for im in images])
+    read = [shapes.read_attributes(im) for im in images]
+    acc = {**shapes.attribute_accuracy(scenes, read), **binding_breakdown(scenes, read)}
     held = shapes.sample_scenes(args.held_out_scenes, seed=SEED + 1, held_out="only")
     held_images = generate(pipe, held, SEED + 10_000)
     held_read = [shapes.read_attributes(im) for im in held_images]

@@ -40,6 +40,14 @@ def test_it_draws_the_caption(pipe):
     assert acc["one:shape"] >= 0.75 and acc["one:size"] >= 0.75, acc
 
 
+def test_each_of_two_objects_gets_its_own_attributes(pipe):
+    scenes = shapes.sample_scenes(16, seed=778, n_objects=2, held_out="include")
+    read = [shapes.read_attributes(im) for im in generate(pipe, [shapes.caption(s) for s in scenes])]
+    # The benchmark measures 89% of 254 scenes; a model that draws the caption's words without
+    # binding them to their object (the failure the binding probes fixed) got 7-12%.
+    assert shapes.attribute_accuracy(scenes, read)["two:objects"] >= 0.6
+
+
 def test_same_seed_same_image_and_odd_prompts_still_generate(pipe):
     a = generate(pipe, ["a small red circle at the center on a black background"], seed=5)[0]
     again = generate(pipe, ["a small red circle at the center on a black background"], seed=5)[0]
@@ -65,6 +73,29 @@ def test_packaged_dictionaries_reconstruct_fresh_activations(pipe, site):
         assert dictionary.cfg.n_features == 2048 and dictionary.cfg.k == 24
         metrics = reconstruction_metrics(dictionary, x)
         assert metrics["fvu"] < 0.10 and metrics["l0"] <= 24, (type(dictionary).__name__, metrics)
+
+
+def test_binding_probe_targets_follow_the_tokens_and_the_pixels(pipe):
+    from training.shapes_model import NO_OBJECT, PROBED_ATTRIBUTES, image_targets, text_targets
+
+    length = shapes.GENERATION_DEFAULTS["max_sequence_length"]
+    for scene in shapes.sample_scenes(40, seed=31, held_out="include"):
+        ids = pipe.tokenizer_2(shapes.caption(scene), padding="max_length", max_length=length)["input_ids"]
+        words = pipe.tokenizer_2.convert_ids_to_tokens(ids)
+        target = text_targets(scene, length)
+        for obj in scene.objects:
+            classes = torch.tensor([names.index(getattr(obj, a)) for a, names in PROBED_ATTRIBUTES])
+            labelled = [w for w, t in zip(words, target, strict=True) if torch.equal(t, classes)]
+            assert labelled == f"a {obj.size} {obj.color} {obj.shape} at the {obj.position}".split(), scene
+        rest = {w for w, t in zip(words, target, strict=True) if t.tolist() == NO_OBJECT}
+        assert rest <= {"and", "on", "a", scene.background, "background", "</s>", "<pad>"}, rest
+
+        pixels, masks = image_targets(scene).view(8, 8, 4), shapes.token_masks(scene)
+        has_object = pixels[..., 0] != NO_OBJECT[0]
+        assert np.array_equal(has_object.numpy(), masks["object"]), scene
+        for i, (attribute, names) in enumerate(PROBED_ATTRIBUTES):
+            for c, name in enumerate(names):
+                assert masks[f"{attribute}:{name}"][(pixels[..., i] == c).numpy()].all(), (scene, name)
 
 
 def test_training_resumes_after_a_kill_to_the_same_weights_and_can_cut_the_pooled_path(tmp_path, monkeypatch):
