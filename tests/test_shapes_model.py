@@ -131,3 +131,6 @@ def test_training_resumes_after_a_kill_to_the_same_weights_and_can_cut_the_poole
     assert clean["x_embedder.weight"].abs().sum() > 0
     with pytest.raises(SystemExit, match="not a bool"):
         sm.main([*tiny[:-6], "--set", "pooled_text=maybe", "--work", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="image_probe_block=4: .* one of 0..3"):
+        sm.main([*tiny, "--set", "image_probe_block=4", "--work", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

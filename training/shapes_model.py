@@ -509,6 +509,11 @@ def main(argv=None) -> None:
         },
         **parse_overrides(args.set),
     )
+    if not 0 <= cfg.image_probe_block < cfg.num_layers:
+        raise SystemExit(
+            f"image_probe_block={cfg.image_probe_block}: the image probe reads a double block, one of "
+            f"0..{cfg.num_layers - 1} (num_layers={cfg.num_layers})"
+        )
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
