@@ -344,11 +344,6 @@ def train_transformer(
         "text_probe": AttributeProbe(pipe.text_encoder_2.config.d_model).to(device),
         "image_probe": AttributeProbe(pipe.transformer.inner_dim).to(device),
     }
-    text_target = torch.stack([text_targets(s, max_len) for s in scenes])
-    image_target = torch.stack([image_targets(s) for s in scenes])
-    probed: list[torch.Tensor] = []  # the image tokens after double block `image_probe_block`
-    site, block = resolve_site(pipe.transformer, f"transformer_blocks.{cfg.image_probe_block}.image")
-    hook = block.register_forward_hook(lambda _m, _i, out: probed.append(out[site.output_position]))
     if not cfg.pooled_text:
         pooled_proj = pipe.transformer.time_text_embed.text_embedder.linear_2
         with torch.no_grad():
@@ -366,8 +361,12 @@ def train_transformer(
         start = load_checkpoint(ckpt, checkpointed, opt)["step"]
         logger.info("transformer: resuming at step %d", start)
     if start >= cfg.dit_steps:
-        hook.remove()
         return ema.shadow
+    text_target = torch.stack([text_targets(s, max_len) for s in scenes])
+    image_target = torch.stack([image_targets(s) for s in scenes])
+    probed: list[torch.Tensor] = []  # the image tokens after double block `image_probe_block`
+    site, block = resolve_site(pipe.transformer, f"transformer_blocks.{cfg.image_probe_block}.image")
+    hook = block.register_forward_hook(lambda _m, _i, out: probed.append(out[site.output_position]))
     for m in (*modules.values(), *probes.values()):
         m.train()
     n, c, h, w = latents.shape
