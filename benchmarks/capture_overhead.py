@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import fluxsae
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 
 RESULTS = Path(__file__).parent / "results" / "capture_overhead.json"
 

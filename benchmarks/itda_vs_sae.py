@@ -40,7 +40,8 @@ from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import atomic_path, write_json
 from fluxsae.hub import load_sae
-from fluxsae.itda import ITDA, ITDAConfig, build_itda
+from fluxsae.itda import ITDA, ITDAConfig
+from fluxsae.itda_build import build_itda
 from training.build_itda import manifest_batches
 
 RESULTS = Path(__file__).parent / "results" / "itda_vs_sae.json"

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxsae.fileio import load_tensors, write_json  # noqa: E402
-from fluxsae.sae import SAEConfig, TopKSAE, make_optimizer, train_step  # noqa: E402
+from fluxsae.sae import SAEConfig, TopKSAE  # noqa: E402
+from fluxsae.sae_training import make_optimizer, train_step  # noqa: E402
 
 
 class SparseWorld:

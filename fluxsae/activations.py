@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,12 @@ from fluxsae.sites import parse_site
 
 MANIFEST_FIELDS = ("prompt_id", "seed", "step", "timestep", "token", "row", "col")
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+EPOCH_SEED_STRIDE = 1_000_003
+"""`batches` shuffles epoch e of seed s with seed s * EPOCH_SEED_STRIDE + e: a prime, so no two
+(seed, epoch) pairs of a run share a shuffle."""
+_BLOCK_ROWS = 16_384
+"""Rows read from a shard at once (96 MiB of bf16 at FLUX.1's width): bounds the memory of reading,
+whatever a shard's size."""
 
 
 class ActivationStoreError(ValueError):
@@ -102,11 +108,13 @@ class ShardInfo:
 
 
 class ActivationStore:
-    """Read a harvest folder: whole shards, or shuffled batches streamed shard by shard.
+    """Read a harvest folder: whole shards, or rows streamed with bounded memory.
 
     store = ActivationStore("runs/harvest")
-    acts, manifest = store.load("transformer_blocks.3.image", shards=range(0, 10))
-    for x in store.batches(site, batch_size=4096, seed=0, rank=0, world_size=1): ...
+    acts, manifest = store.load("transformer_blocks.3.image", shards=range(0, 10))   # all in memory
+    for x in store.batches(site, batch_size=4096, seed=0, rank=0, world_size=1): ...  # shuffled
+    for x in store.iter_rows(site, shards=[8, 9]): ...                   # in order, one batch at a time
+    sample = store.sample_rows(site, shards=range(8), n=65_536, seed=0)  # only the sampled rows read
     """
 
     def __init__(self, folder: str | Path):
@@ -161,7 +169,7 @@ class ActivationStore:
             return [json.loads(line) for line in f if line.strip()]
 
     def load(
-        self, site: str, shards: Iterator[int] | None = None, dtype: torch.dtype = torch.float32
+        self, site: str, shards: Iterable[int] | None = None, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Activations [rows, d] of the chosen shards (positions in `self.shards`; all by default) and
         their manifest {field: [rows]}."""
@@ -177,6 +185,137 @@ class ActivationStore:
                 for k in MANIFEST_FIELDS:
                     manifest[k].append(f.get_tensor(f"{stream}/{k}"))
         return torch.cat(acts), {k: torch.cat(v) for k, v in manifest.items()}
+
+    def read_rows(
+        self, site: str, shard: int, start: int = 0, stop: int | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rows [start, stop) [n, d] of one shard (a position in `self.shards`), reading only those rows
+        from disk; `dtype` None keeps the storage dtype."""
+        site = self._check_site(site)
+        with safe_open(str(self.shards[shard].path), framework="pt") as f:
+            rows = f.get_slice(f"acts/{site}")[start:stop]
+        return rows if dtype is None else rows.to(dtype)
+
+    def iter_rows(
+        self, site: str, shards: Iterable[int] | None = None, batch_size: int = 8192,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:  # fmt: skip
+        """The rows of `shards` (all by default) in order, as batches [<= batch_size, d] read one at a
+        time: memory holds one batch, whatever the size of the harvest."""
+        stream = parse_site(self._check_site(site)).stream
+        for i in range(len(self.shards)) if shards is None else shards:
+            n = self.shards[i].rows[stream]
+            for start in range(0, n, batch_size):
+                yield self.read_rows(site, i, start, min(start + batch_size, n), dtype)
+
+    def sample_rows(
+        self, site: str, shards: list[int], n: int, seed: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """`n` random rows [min(n, rows), d] of `shards`, reading only those rows.
+
+        The sample is `concatenation[torch.randperm(rows, generator=manual_seed(seed))[:n]]` over the
+        concatenation of the shards in the given order, the same rows in the same order as drawing
+        from `load(site, shards)`, without holding more than the sample in memory.
+        """
+        stream = parse_site(self._check_site(site)).stream
+        sizes = [self.shards[i].rows[stream] for i in shards]
+        picked = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))[:n]
+        out = torch.empty(len(picked), self.dim(site), dtype=dtype)
+        offset = 0
+        for shard, size in zip(shards, sizes, strict=True):
+            where = ((picked >= offset) & (picked < offset + size)).nonzero().squeeze(1)
+            local = picked[where] - offset
+            local, order = local.sort()
+            where = where[order]
+            for lo in range(0, size, _BLOCK_ROWS):  # safetensors maps the file: only touched rows are read
+                inside = (local >= lo) & (local < lo + _BLOCK_ROWS)
+                if inside.any():
+                    block = self.read_rows(site, shard, lo, min(lo + _BLOCK_ROWS, size))
+                    out[where[inside]] = block[local[inside] - lo].to(dtype)
+            offset += size
+        return out
+
+    def _window(self, site: str, shards: list[int], with_manifest: bool):
+        """The rows of `shards` concatenated, in the storage dtype (half the memory of float32 for a
+        bf16 harvest), and their manifest (None unless asked)."""
+        stream = parse_site(site).stream
+        sizes = [self.shards[i].rows[stream] for i in shards]
+        window, offset = None, 0
+        for shard, size in zip(shards, sizes, strict=True):
+            for lo in range(0, size, _BLOCK_ROWS):
+                block = self.read_rows(site, shard, lo, min(lo + _BLOCK_ROWS, size))
+                if window is None:
+                    window = torch.empty(sum(sizes), block.shape[1], dtype=block.dtype)
+                window[offset + lo : offset + lo + len(block)] = block
+            offset += size
+        if window is None:  # shards without rows of this stream
+            window = torch.empty(0, self.dim(site))
+        manifest = None
+        if with_manifest:
+            manifest = {k: [] for k in MANIFEST_FIELDS}
+            for shard in shards:
+                with safe_open(str(self.shards[shard].path), framework="pt") as f:
+                    for k in MANIFEST_FIELDS:
+                        manifest[k].append(f.get_tensor(f"{stream}/{k}"))
+            manifest = {k: torch.cat(v) for k, v in manifest.items()}
+        return window, manifest
+
+    def shuffled_chunks(
+        self,
+        site: str,
+        order: list[int],
+        chunk_rows: int,
+        generator: torch.Generator,
+        *,
+        shards_in_memory: int = 8,
+        with_manifest: bool = False,
+        keep_last: bool = False,
+        part: slice | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+        """One pass over the shards `order` (positions, in this order) as shuffled chunks of
+        `chunk_rows` rows: (x [chunk_rows, d] in `dtype`, manifest {field: [chunk_rows]} or None).
+
+        Shards are read `shards_in_memory` at a time into a window whose rows are shuffled with one
+        `torch.randperm(window rows, generator=generator)`; the rows a window leaves over start the
+        next window's first chunk. `keep_last` also yields the last, incomplete chunk. `part` keeps
+        only that slice of each chunk (a rank's share of a global batch) and gathers only those rows.
+        Memory: one window in the storage dtype, plus one chunk.
+        """
+        part = part or slice(None)
+        pending_x = pending_m = None  # rows left over by the previous window, already shuffled
+
+        def rows(x, manifest, idx):
+            return x[idx], None if manifest is None else {k: v[idx] for k, v in manifest.items()}
+
+        def take(window, manifest, idx):
+            x, m = rows(window, manifest, idx)
+            return x.to(dtype), m
+
+        def join(a, b):
+            if a is None:
+                return b
+            return torch.cat([a, b]) if torch.is_tensor(a) else {k: torch.cat([a[k], b[k]]) for k in a}
+
+        for start in range(0, len(order), shards_in_memory):
+            window, manifest = self._window(site, order[start : start + shards_in_memory], with_manifest)
+            perm = torch.randperm(len(window), generator=generator)
+            pos = 0
+            if pending_x is not None:
+                need = chunk_rows - len(pending_x)
+                x, m = take(window, manifest, perm[:need])
+                pending_x, pending_m, pos = join(pending_x, x), join(pending_m, m), min(need, len(perm))
+                if len(pending_x) < chunk_rows:
+                    continue
+                yield rows(pending_x, pending_m, part)
+                pending_x = pending_m = None
+            while pos + chunk_rows <= len(perm):
+                yield take(window, manifest, perm[pos : pos + chunk_rows][part])
+                pos += chunk_rows
+            pending_x, pending_m = take(window, manifest, perm[pos:])
+            del window, manifest
+        if keep_last and pending_x is not None and len(pending_x):
+            yield rows(pending_x, pending_m, part)
 
     def batches(
         self,
@@ -198,21 +337,16 @@ class ActivationStore:
         data-parallel workers together see exactly what one worker with the global batch would see.
         A last incomplete global batch is dropped.
         """
+        site = self._check_site(site)
         pool = list(range(len(self.shards))) if shards is None else list(shards)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
         order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
-        global_batch = batch_size * world_size
-        carry = None
-        for start in range(0, len(order), shards_in_memory):
-            window, _ = self.load(site, order[start : start + shards_in_memory], dtype=dtype)
-            window = window[torch.randperm(len(window), generator=g)]
-            if carry is not None:
-                window = torch.cat([carry, window])
-            n_full = len(window) // global_batch
-            for b in range(n_full):
-                chunk = window[b * global_batch : (b + 1) * global_batch]
-                yield chunk[rank * batch_size : (rank + 1) * batch_size]
-            carry = window[n_full * global_batch :]
+        chunks = self.shuffled_chunks(
+            site, order, batch_size * world_size, g, shards_in_memory=shards_in_memory,
+            part=slice(rank * batch_size, (rank + 1) * batch_size), dtype=dtype,
+        )  # fmt: skip
+        for x, _ in chunks:
+            yield x
 
     def steps_per_epoch(self, site: str, batch_size: int, world_size: int = 1, shards=None) -> int:
         stream = parse_site(self._check_site(site)).stream

@@ -1,6 +1,7 @@
 """How good is a dictionary? Two questions, answered separately.
 
-Does it reconstruct? (`reconstruction_metrics`, on held-out activations x [N, d], x_hat = decode(encode(x)))
+Does it reconstruct? (`reconstruction_metrics`, on held-out activations x [N, d] or a stream of
+batches, x_hat = decode_sparse(encode_sparse(x)))
     FVU  = sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean(x)||^2      (fraction of variance unexplained)
     explained_variance = 1 - FVU
     r2_mean_dim = mean over dimensions j of corr(x[:, j], x_hat[:, j])^2   (the reference work's figure)
@@ -20,59 +21,107 @@ Does the model still work with it spliced in? (`spliced_effect`, on a pipeline a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from fluxsae.hooks import capture, edit_site
 
+CODE_ELEMENTS = 2**25
+"""Encoding builds [rows, n_features] pre-activations (an SAE's encoder, a pursuit's inner products)
+even when the codes it returns are sparse: batches are cut so that stays near this many elements
+(128 MiB in float32; 8,192 rows at 4,096 features, 512 at FLUX.1's 65,536)."""
+
+
+def _batches(x: torch.Tensor | Iterable, batch_size: int, n_features: int) -> Iterator[torch.Tensor]:
+    """Batches [b, d] of a tensor [N, d] or of an iterable of batches (or of (batch, manifest) pairs,
+    as `training.build_itda.manifest_batches` yields), at most `batch_size` rows and about
+    CODE_ELEMENTS codes each."""
+    rows = max(1, min(batch_size, CODE_ELEMENTS // max(n_features, 1)))
+    for batch in [x] if torch.is_tensor(x) else x:
+        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        batch = batch.reshape(-1, batch.shape[-1])
+        for start in range(0, len(batch), rows):
+            yield batch[start : start + rows]
+
+
+def _active(dictionary, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The distinct (token, feature) pairs with a non-zero code, as token * n_features + feature: what
+    `encode(x) != 0` marks, without the dense [tokens, n_features] codes (a pursuit may pad with
+    zero coefficients or name an atom twice)."""
+    n_features = dictionary.cfg.n_features
+    values, indices = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+    token = torch.arange(len(values), device=values.device)[:, None].expand_as(indices)
+    nonzero = values != 0
+    return torch.unique(token[nonzero] * n_features + indices[nonzero])
+
 
 @torch.no_grad()
-def reconstruction_metrics(dictionary, x: torch.Tensor, batch_size: int = 8192) -> dict[str, float]:
-    """FVU, explained variance, r2_mean_dim, L0, dead share and density quantiles on x [N, d].
+def reconstruction_metrics(
+    dictionary, x: torch.Tensor | Iterable, batch_size: int = 8192
+) -> dict[str, float]:
+    """FVU, explained variance, r2_mean_dim, L0, dead share and density quantiles (module docstring).
 
-    x may live on another device than the dictionary (e.g. held-out activations in CPU memory and a
-    dictionary on the GPU): batches go to the dictionary's device, the statistics come back to x's."""
-    x = x.float()
-    device = dictionary.device
-    n_features = dictionary.cfg.n_features
-    sq_err = 0.0
+    x: activations [N, d], or an iterable of batches [b, d] (e.g. `ActivationStore.iter_rows`), so
+    held-out sets larger than memory stream through; either is encoded in batches of at most
+    `batch_size` rows (fewer for wide dictionaries: CODE_ELEMENTS). Codes stay sparse (`encode_sparse` /
+    `decode_sparse`); the statistics are sums over tokens accumulated in float64 (for r2_mean_dim the
+    per-dimension sums of x, x_hat, x^2, x_hat^2 and x * x_hat), so a stream gives the numbers the
+    whole tensor would. Batches go to the dictionary's device (x may sit in CPU memory).
+    """
+    device, n_features = dictionary.device, dictionary.cfg.n_features
+    f64 = torch.float64
+    n, sq_err, nonzeros = 0, torch.zeros((), dtype=f64), 0
+    sums = None  # [5, d]: x, x_hat, x^2, x_hat^2, x * x_hat
     fired = torch.zeros(n_features, dtype=torch.int64)
-    nonzeros = 0
-    x_hats = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size]
-        codes = dictionary.encode(xb.to(device))
-        x_hat = dictionary.decode(codes).float().to(x.device)
-        x_hats.append(x_hat)
-        sq_err += (xb - x_hat).pow(2).sum().item()
-        active = codes != 0
-        fired += active.sum(0).cpu()
-        nonzeros += active.sum().item()
-    x_hat = torch.cat(x_hats)
-    total = (x - x.mean(0)).pow(2).sum().item()
-    fvu = sq_err / total
-    xc, hc = x - x.mean(0), x_hat - x_hat.mean(0)
-    corr = (xc * hc).sum(0) / (xc.norm(dim=0) * hc.norm(dim=0)).clamp_min(1e-12)
-    density = fired.float() / len(x)
+    for xb in _batches(x, batch_size, n_features):
+        xb = xb.to(device).float()
+        values, indices = dictionary.encode_sparse(xb)
+        x_hat = dictionary.decode_sparse(values, indices).float()
+        xd, hd = xb.to(f64), x_hat.to(f64)
+        batch = torch.stack([xd.sum(0), hd.sum(0), xd.pow(2).sum(0), hd.pow(2).sum(0), (xd * hd).sum(0)])
+        sums = batch if sums is None else sums + batch
+        sq_err += (xb - x_hat).pow(2).sum().to(f64).cpu()
+        active = _active(dictionary, values, indices)
+        fired += torch.bincount(active % n_features, minlength=n_features).cpu()
+        nonzeros += len(active)
+        n += len(xb)
+    if n == 0:
+        raise ValueError("reconstruction_metrics got no tokens: pass activations [N, d] with N > 0.")
+    s_x, s_h, s_xx, s_hh, s_xh = sums.cpu()
+    var_x = (s_xx - s_x.pow(2) / n).clamp_min(0)
+    var_h = (s_hh - s_h.pow(2) / n).clamp_min(0)
+    cov = s_xh - s_x * s_h / n
+    corr = cov / (var_x.sqrt() * var_h.sqrt()).clamp_min(1e-12)
+    fvu = (sq_err / var_x.sum()).item()
+    density = fired.float() / n
     return {
         "fvu": fvu,
         "explained_variance": 1 - fvu,
         "r2_mean_dim": corr.pow(2).mean().item(),
-        "l0": nonzeros / len(x),
+        "l0": nonzeros / n,
         "dead_fraction": (fired == 0).float().mean().item(),
         "density_median": density.median().item(),
         "density_max": density.max().item(),
-        "n_tokens": len(x),
+        "n_tokens": n,
     }
 
 
-def density_histogram(dictionary, x: torch.Tensor, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram of log10 feature density on x (dead features at -inf are left out)."""
-    with torch.no_grad():
-        fired = (dictionary.encode(x.float().to(dictionary.device)) != 0).float().mean(0).cpu().numpy()
-    live = fired[fired > 0]
+@torch.no_grad()
+def density_histogram(
+    dictionary, x: torch.Tensor | Iterable, bins: int = 40, batch_size: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of log10 feature density on x ([N, d] or batches, as `reconstruction_metrics`); dead
+    features (at -inf) are left out."""
+    n_features = dictionary.cfg.n_features
+    fired, n = torch.zeros(n_features, dtype=torch.int64), 0
+    for xb in _batches(x, batch_size, n_features):
+        values, indices = dictionary.encode_sparse(xb.to(dictionary.device).float())
+        fired += torch.bincount(_active(dictionary, values, indices) % n_features, minlength=n_features).cpu()
+        n += len(xb)
+    density = (fired.double() / max(n, 1)).numpy()
+    live = density[density > 0]
     return np.histogram(np.log10(live), bins=bins)
 
 
@@ -91,7 +140,7 @@ def spliced_effect(
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt.")
 
     def reconstruct(h, step):
-        x_hat = dictionary.decode(dictionary.encode(h.float().to(dictionary.device)))
+        x_hat = dictionary.decode_sparse(*dictionary.encode_sparse(h.float().to(dictionary.device)))
         return x_hat.to(h.device, h.dtype)
 
     calls: list[dict] = []

@@ -39,6 +39,27 @@ def shapes_model_dir() -> Path:
     return Path(__file__).parent / "shapes" / "model"
 
 
+TINY = "tiny"
+"""Model name of the random tiny pipeline of `fluxsae.tiny` (for trying the app without a model)."""
+
+
+def generation_defaults(name: str, pipe=None) -> dict:
+    """The `pipe(...)` call arguments a model was made for (height, width, steps, T5 length, guidance):
+    the Shapes model's `GENERATION_DEFAULTS`, the tiny pipeline's, or FLUX.1-schnell's / -dev's (read
+    from `pipe`'s transformer config). A fresh dict each call."""
+    if name == TINY:
+        from fluxsae.tiny import TINY_GENERATION
+
+        return dict(TINY_GENERATION)
+    if name == SHAPES:
+        from fluxsae.shapes import GENERATION_DEFAULTS
+
+        return dict(GENERATION_DEFAULTS)
+    from fluxsae.flux import flux1_generation
+
+    return flux1_generation(getattr(getattr(pipe, "transformer", None), "config", None))
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

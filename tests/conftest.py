@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline  # noqa: E402
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,5 +1,6 @@
 """The Gradio app: `run` on the tiny pipeline, then the real UI in headless Chromium."""
 
+import json
 import os
 import socket
 import sys
@@ -12,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
 
 import app  # noqa: E402
-from fluxsae.testing import TINY_GENERATION  # noqa: E402
+from fluxsae.tiny import TINY_GENERATION  # noqa: E402
 
 # Two steps instead of four: same code paths, half the CPU time.
 FAST = {**TINY_GENERATION, "num_inference_steps": 2}
@@ -77,22 +78,74 @@ def test_failure_inside_generation_leaves_the_pipeline_unchanged(tiny_pipe):
     assert np.array_equal(np.asarray(before[1]), np.asarray(after[1]))
 
 
+def _bare_pipeline(transformer=None, vae=None):
+    """A real FluxPipeline holding only what generation_defaults / token_grid / default_site read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )  # fmt: skip
+
+
 def test_generation_defaults_per_model(shared_tiny_pipe):
-    assert app.generation_defaults("tiny", shared_tiny_pipe) == TINY_GENERATION
+    from diffusers import AutoencoderKL
+
+    from fluxsae.flux import SCHNELL_GENERATION, meta_transformer
+    from fluxsae.heatmap import token_grid
+    from fluxsae.pipelines import shapes_model_dir
+    from fluxsae.shapes import TOKEN_GRID
+    from fluxsae.sites import resolve_site
+
+    # The tiny pipeline: the arguments it is built for, and they generate its 4x4 token grid.
+    tiny = app.generation_defaults("tiny", shared_tiny_pipe)
+    assert tiny == TINY_GENERATION
+    assert token_grid(shared_tiny_pipe, tiny["height"], tiny["width"]) == (4, 4)
+    # The Shapes model: the settings its packaged dictionaries were harvested at, and the world's
+    # 8x8 token grid through the packaged VAE.
     shapes = app.generation_defaults("shapes", shared_tiny_pipe)
-    assert (shapes["height"], shapes["width"]) == (64, 64) and shapes["guidance_scale"] == 0.0
-    schnell = app.generation_defaults("black-forest-labs/FLUX.1-schnell", shared_tiny_pipe)
-    assert schnell["num_inference_steps"] == 4 and schnell["max_sequence_length"] == 256
-    assert app.default_site(shared_tiny_pipe) == "transformer_blocks.1.image"
+    for folder in sorted((shapes_model_dir().parent / "dictionaries").glob("*/*/cfg.json")):
+        cfg = json.loads(folder.read_text())
+        assert cfg["resolution"] == [shapes["height"], shapes["width"]], folder
+        assert cfg["steps"] == list(range(shapes["num_inference_steps"])), folder
+        assert cfg["extra"].get("generation", shapes) == shapes, folder
+    vae = AutoencoderKL.from_pretrained(shapes_model_dir() / "vae")
+    assert token_grid(_bare_pipeline(vae=vae), shapes["height"], shapes["width"]) == (TOKEN_GRID, TOKEN_GRID)
+    # FLUX.1-schnell: the one setting the harvest and the benchmarks also use (so app heatmaps see the
+    # stream the dictionaries were trained on); FLUX.1-dev, guidance-distilled, gets its guidance.
+    schnell = _bare_pipeline(meta_transformer("black-forest-labs/FLUX.1-schnell"))
+    dev = _bare_pipeline(meta_transformer("black-forest-labs/FLUX.1-dev"))
+    assert app.generation_defaults("black-forest-labs/FLUX.1-schnell", schnell) == SCHNELL_GENERATION
+    dev_defaults = app.generation_defaults("black-forest-labs/FLUX.1-dev", dev)
+    assert dev_defaults["guidance_scale"] > 1 and SCHNELL_GENERATION["guidance_scale"] == 0
+    assert dev_defaults["num_inference_steps"] > SCHNELL_GENERATION["num_inference_steps"]
+    for pipe, defaults in ((schnell, SCHNELL_GENERATION), (dev, dev_defaults)):
+        token_grid(pipe, defaults["height"], defaults["width"])  # whole tokens, or it raises
+    # The default site is the last double block's image stream: transformer_blocks.18 on FLUX.1.
+    for pipe in (shared_tiny_pipe, schnell):
+        _, block = resolve_site(pipe, app.default_site(pipe))
+        assert block is pipe.transformer.transformer_blocks[-1] and app.default_site(pipe).endswith(".image")
+    assert app.default_site(schnell) == "transformer_blocks.18.image"
 
 
-def test_missing_shapes_model_falls_back_to_the_tiny_pipeline(monkeypatch, caplog):
-    def missing(*args, **kwargs):
-        raise app.PipelineLoadError("The packaged Shapes model is missing.")
+@pytest.mark.parametrize("broken", ["missing", "truncated weights"])
+def test_missing_shapes_model_falls_back_to_the_tiny_pipeline(monkeypatch, caplog, tmp_path, broken):
+    """A real folder stands in for the packaged model: an empty one, or one with torn weights."""
+    import fluxsae.pipelines as pipelines
+    from fluxsae.tiny import tiny_flux_pipeline
 
-    monkeypatch.setattr(app.fluxsae, "load_pipeline", missing)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if broken == "truncated weights":
+        tiny_flux_pipeline(seed=0).save_pretrained(folder)
+        weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    monkeypatch.setattr(pipelines, "shapes_model_dir", lambda: folder)  # where the package looks
     pipe, name, note = app.load_app_pipeline("shapes")
-    assert name == "tiny" and "not installed" in note and "missing" in caplog.text
+    assert name == "tiny" and "not installed" in note
+    assert ("is missing from" if broken == "missing" else "Unreadable weight files") in caplog.text
+    image, _, _ = app.run(pipe, "a red circle", 0, app.default_site(pipe), 0, FAST)  # it is usable
+    assert image.size == (32, 32)
     with pytest.raises(app.PipelineLoadError):
         app.load_app_pipeline("someone/not-there")
 

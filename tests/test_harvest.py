@@ -13,7 +13,7 @@ import torch
 from fluxsae import capture
 from fluxsae.activations import ActivationStore, ActivationStoreError
 from fluxsae.fileio import load_tensors
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 from training import harvest
 
 SITES = "transformer_blocks.1.image,single_transformer_blocks.0.text"
@@ -64,30 +64,51 @@ def test_rows_are_what_capture_sees_with_their_manifest(model_dir, prompt_file, 
     store = ActivationStore(tmp_path / "h")
     assert len(store.shards) == 3  # 8 prompts, 3 per shard
     acts, manifest = store.load("transformer_blocks.1.image")
-    steps, tokens = TINY_GENERATION["num_inference_steps"], 16  # 32 px -> 4 x 4 tokens
-    assert acts.shape == (len(PROMPTS) * steps * tokens, 32)
-    assert store.n_rows("transformer_blocks.1.image") == len(acts)
-
-    # Prompt 4 alone, generated again by hand with its recorded seed: the same rows, step by step.
-    pipe = tiny_flux_pipeline(seed=0)
-    rows = manifest["prompt_id"] == 4
-    seed = int(manifest["seed"][rows][0])
-    assert seed == 104
-    with capture(pipe, "transformer_blocks.1.image") as cap:
-        pipe(
-            PROMPTS[4], generator=torch.Generator().manual_seed(seed), output_type="latent", **TINY_GENERATION
-        )
-    expected = cap["transformer_blocks.1.image"][:, 0]  # [steps, tokens, d]
-    torch.testing.assert_close(acts[rows].view(steps, tokens, -1), expected, rtol=1e-4, atol=1e-5)
-    # The manifest says where each row comes from.
-    assert manifest["step"][rows].view(steps, tokens)[:, 0].tolist() == list(range(steps))
-    assert torch.allclose(manifest["timestep"][rows].view(steps, tokens)[:, 0], cap.sigmas.float())
-    assert manifest["row"][rows][:tokens].tolist() == [r for r in range(4) for _ in range(4)]
-    assert manifest["col"][rows][:tokens].tolist() == [c for _ in range(4) for c in range(4)]
-    # Text-stream sites have their own rows (12 T5 tokens), with no image cell.
     text, text_manifest = store.load("single_transformer_blocks.0.text")
-    assert text.shape[0] == len(PROMPTS) * steps * TINY_GENERATION["max_sequence_length"]
-    assert set(text_manifest["row"].tolist()) == {-1}
+    n_p, steps, tokens = len(PROMPTS), TINY_GENERATION["num_inference_steps"], 16  # 32 px -> 4 x 4 tokens
+    n_text = TINY_GENERATION["max_sequence_length"]  # 12 T5 tokens
+    assert acts.shape == (n_p * steps * tokens, 32)
+    assert store.n_rows("transformer_blocks.1.image") == len(acts)
+    assert text.shape == (n_p * steps * n_text, 32)
+
+    # Every prompt generated again by hand, alone, with its recorded seed: row r of the harvest is
+    # prompt r // (steps x tokens), then step, then token, exactly as capture saw them.
+    pipe = tiny_flux_pipeline(seed=0)
+    seeds = manifest["seed"].view(n_p, steps * tokens)
+    assert seeds.unique(dim=1).flatten().tolist() == [100 + i for i in range(n_p)]
+    expected = {"transformer_blocks.1.image": [], "single_transformer_blocks.0.text": []}
+    for i, prompt in enumerate(PROMPTS):
+        with capture(pipe, list(expected)) as cap:
+            pipe(prompt, generator=torch.Generator().manual_seed(100 + i), output_type="latent",
+                 **TINY_GENERATION)  # fmt: skip
+        for site in expected:
+            expected[site].append(cap[site][:, 0])  # [steps, tokens, d]
+    torch.testing.assert_close(
+        acts.view(n_p, steps, tokens, -1), torch.stack(expected["transformer_blocks.1.image"]),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    torch.testing.assert_close(
+        text.view(n_p, steps, n_text, -1), torch.stack(expected["single_transformer_blocks.0.text"]),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+    # The manifest says where each row comes from, in the same (prompt, step, token) order.
+    def grid(values, dim, n):
+        view = [1, 1, 1]
+        view[dim] = -1
+        return torch.as_tensor(values).view(view).expand(n_p, steps, n).flatten().tolist()
+
+    assert manifest["prompt_id"].tolist() == grid(range(n_p), 0, tokens)
+    assert manifest["step"].tolist() == grid(range(steps), 1, tokens)
+    assert manifest["token"].tolist() == grid(range(tokens), 2, tokens)
+    assert manifest["row"].tolist() == grid([t // 4 for t in range(tokens)], 2, tokens)
+    assert manifest["col"].tolist() == grid([t % 4 for t in range(tokens)], 2, tokens)
+    assert torch.allclose(manifest["timestep"], torch.tensor(grid(cap.sigmas.tolist(), 1, tokens)))
+    assert text_manifest["prompt_id"].tolist() == grid(range(n_p), 0, n_text)
+    assert text_manifest["step"].tolist() == grid(range(steps), 1, n_text)
+    assert text_manifest["token"].tolist() == grid(range(n_text), 2, n_text)
+    # Text-stream rows have no image cell.
+    assert set(text_manifest["row"].tolist()) == set(text_manifest["col"].tolist()) == {-1}
     prompts = store.prompts()
     assert [p["prompt"] for p in prompts] == PROMPTS and prompts[4]["seed"] == 104
     manifest_json = json.loads((tmp_path / "h" / "manifest.json").read_text())

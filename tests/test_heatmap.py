@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from fluxsae.heatmap import activation_norms, colorize, overlay, token_grid, token_map
-from fluxsae.testing import TINY_GENERATION
+from fluxsae.tiny import TINY_GENERATION
 
 
 def test_token_grid_of_the_tiny_pipeline_matches_its_image_tokens(shared_tiny_pipe):

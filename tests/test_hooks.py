@@ -5,7 +5,7 @@ import torch
 from conftest import generate
 
 from fluxsae import add_to_site, capture, edit_site
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 
 IMG = "transformer_blocks.1.image"
 TXT = "single_transformer_blocks.0.text"
@@ -58,11 +58,19 @@ def test_step_selection_matches_full_capture(tiny_pipe):
 
 
 def test_batches_and_images_per_prompt(tiny_pipe):
+    """Rows are prompt-major: row i is prompt i // 2 on the i-th noise, as if generated alone."""
+    prompts = ["a red circle", "a blue square"]
+    latents = torch.randn(4, N_IMG, tiny_pipe.transformer.config.in_channels,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     with capture(tiny_pipe, IMG) as acts:
-        generate(tiny_pipe, prompt=["a red circle", "a blue square"], num_images_per_prompt=2)
+        generate(tiny_pipe, prompt=prompts, num_images_per_prompt=2, latents=latents)
     assert acts[IMG].shape == (4, 4, N_IMG, D)
-    # Rows are prompt-major: the two images of one prompt differ only by their noise.
-    assert not torch.equal(acts[IMG][:, 0], acts[IMG][:, 1])
+    for i in range(4):
+        with capture(tiny_pipe, IMG) as alone:
+            generate(tiny_pipe, prompt=prompts[i // 2], latents=latents[i : i + 1])
+        torch.testing.assert_close(acts[IMG][:, i], alone[IMG][:, 0], rtol=1e-4, atol=1e-5)
+    # The images of one prompt differ by their noise, so the comparison above can tell rows apart.
+    assert not torch.allclose(acts[IMG][:, 0], acts[IMG][:, 1], atol=1e-2)
 
 
 def test_two_generations_in_one_block_concatenate_along_batch(tiny_pipe):
@@ -151,14 +159,22 @@ def test_addition_lands_on_chosen_tokens_and_steps(tiny_pipe):
     region[[5, 6, 9, 10]] = True  # the central 2x2 of the 4x4 token grid
     with capture(tiny_pipe, IMG) as clean:
         generate(tiny_pipe)
-    with add_to_site(tiny_pipe, IMG, v, strength=2.0, steps=[0], tokens=region):
-        with capture(tiny_pipe, IMG) as edited:  # registered after the edit: sees the edited output
-            generate(tiny_pipe)
-    diff = edited[IMG][0, 0] - clean[IMG][0, 0]
-    assert torch.allclose(diff[region], (2.0 * v).expand(4, D), atol=1e-5)
-    assert torch.equal(diff[~region], torch.zeros(N_IMG - 4, D))
-    # Later steps differ only through the changed latents, never by the vector itself.
-    assert not torch.allclose(edited[IMG][1] - clean[IMG][1], 2.0 * v, atol=1e-2)
+    # Hooks run in the order they were registered, so in one generation `before` sees the block's
+    # own output and `after` the edited one, on every step with the same input.
+    with capture(tiny_pipe, IMG) as before:
+        with add_to_site(tiny_pipe, IMG, v, strength=2.0, steps=[0, 2], tokens=region):
+            with capture(tiny_pipe, IMG) as after:
+                generate(tiny_pipe)
+    delta = (after[IMG] - before[IMG])[:, 0]  # [steps, tokens, d]
+    for step in (0, 2):
+        torch.testing.assert_close(delta[step][region], (2.0 * v).expand(4, D), rtol=0, atol=1e-5)
+        assert torch.equal(delta[step][~region], torch.zeros(N_IMG - 4, D))
+    for step in (1, 3):
+        assert torch.equal(delta[step], torch.zeros(N_IMG, D))
+    # Step 0 starts from the same latents as a clean generation: the edit is the only difference.
+    torch.testing.assert_close(before[IMG][0], clean[IMG][0], rtol=0, atol=0)
+    # Later steps start from the edited latents: the rest of the generation does see the edit.
+    assert not torch.allclose(before[IMG][1], clean[IMG][1], atol=1e-4)
 
 
 def test_token_indices_and_bad_regions(tiny_pipe):

@@ -10,19 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxsae.activations import ActivationStore
+from fluxsae.dictionary import DictionaryLoadError
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import save_tensors, write_json
 from fluxsae.hub import DictionaryNotFoundError, load_itda
-from fluxsae.itda import (
-    ITDA,
-    ITDABuilder,
-    ITDAConfig,
-    ITDALoadError,
-    atom_source,
-    build_itda,
-    pursuit,
-)
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from fluxsae.itda import ITDA, ITDAConfig
+from fluxsae.itda_build import ITDABuilder, build_itda
+from fluxsae.provenance import atom_source
+from fluxsae.pursuit import pursuit
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 from training import build_itda as build_cmd
 from training import harvest
 
@@ -38,7 +34,7 @@ def unit(n, d, seed=0, dtype=torch.float32):
 
 def reconstruct(code, atoms):
     return torch.nn.functional.embedding_bag(
-        code.indices, atoms, mode="sum", per_sample_weights=code.coefficients
+        code.indices, atoms, mode="sum", per_sample_weights=code.values
     )
 
 
@@ -51,7 +47,9 @@ def naive_gradient_pursuit(x, D, k, clamp_only=False, errors=None):
     support, a, r = [], torch.zeros(0, dtype=x.dtype), x.clone()
     for _ in range(min(k, len(D))):
         ips = D @ r
-        support.append(max((j for j in range(len(D)) if j not in support), key=lambda j: ips[j].item()))
+        free = ips.clone()
+        free[support] = -math.inf
+        support.append(int(free.argmax()))  # the first of the largest, among atoms not yet chosen
         a = torch.cat([a, a.new_zeros(1)])
         g = ips[support]
         p = torch.where((a <= 0) & (g < 0), 0.0, g)
@@ -68,6 +66,22 @@ def naive_gradient_pursuit(x, D, k, clamp_only=False, errors=None):
     return a, support
 
 
+def naive_errors(x, atoms, k, bias, variance):
+    """e_i = ||x_i - bias - x_hat_i||^2 / sigma^2 (fluxsae.itda's docstring), one token at a time with
+    the naive pursuit, in float64: the reference for the builder's decisions."""
+    D, out = atoms.double(), []
+    for t in x.double() - bias.double():
+        a, support = naive_gradient_pursuit(t, D, k) if len(D) else (t.new_zeros(0), [])
+        out.append((t - D[support].T @ a).pow(2).sum() / variance)
+    return torch.stack(out)
+
+
+def total_variance(*batches):
+    """sigma^2: mean squared distance of a token to the mean, over every token given."""
+    x = torch.cat(batches).double()
+    return (x - x.mean(0)).pow(2).sum(1).mean()
+
+
 def test_gradient_pursuit_matches_a_naive_per_token_loop():
     for n, d, k in ((20, 8, 5), (12, 16, 4), (3, 8, 6)):  # overcomplete, undercomplete, k > n
         D = unit(n, d, seed=n, dtype=torch.float64)
@@ -76,8 +90,8 @@ def test_gradient_pursuit_matches_a_naive_per_token_loop():
         for t in range(len(x)):
             a, support = naive_gradient_pursuit(x[t], D, k)
             assert code.indices[t, : len(support)].tolist() == support
-            torch.testing.assert_close(code.coefficients[t, : len(support)], a, rtol=1e-9, atol=1e-9)
-            assert not code.coefficients[t, len(support) :].any()
+            torch.testing.assert_close(code.values[t, : len(support)], a, rtol=1e-9, atol=1e-9)
+            assert not code.values[t, len(support) :].any()
 
 
 def test_the_error_never_rises_where_the_reference_step_raises_it():
@@ -116,9 +130,9 @@ def test_codes_are_non_negative_k_sparse_and_error_never_grows(n, d, k, seed, me
     D = unit(n, d, seed)
     x = torch.randn(16, d, generator=torch.Generator().manual_seed(seed + 1))
     full = pursuit(x, D, k, method)
-    assert full.coefficients.shape == full.indices.shape == (16, k)
-    assert (full.coefficients >= 0).all()
-    assert ((full.coefficients > 0).sum(1) <= min(k, n)).all()
+    assert full.values.shape == full.indices.shape == (16, k)
+    assert (full.values >= 0).all()
+    assert ((full.values > 0).sum(1) <= min(k, n)).all()
     used = full.indices[:, : min(k, n)]
     assert all(len(set(row)) == len(row) for row in used.tolist())  # an atom is chosen once
     # Iteration i does not depend on k, so pursuits with k' = 1..k give the error after each iteration.
@@ -150,7 +164,7 @@ def test_dense_and_sparse_paths_agree_and_small_dictionaries_work():
     coef, idx = itda.encode_sparse(x)
     assert coef.shape == idx.shape == (2, 7, 5)
     torch.testing.assert_close(itda.decode(codes), itda.decode_sparse(coef, idx))
-    torch.testing.assert_close(itda(x), itda.decode(codes))
+    torch.testing.assert_close(itda(x).x_hat, itda.decode(codes))
     empty = ITDA(ITDAConfig(d_in=8, k=4))
     assert empty.encode(x).shape == (2, 7, 0)
     assert not empty.decode(empty.encode(x)).any() and empty.decode(empty.encode(x)).shape == x.shape
@@ -180,17 +194,32 @@ def manifest(n, offset=0):
 def test_only_tokens_above_the_threshold_become_atoms():
     g = torch.Generator().manual_seed(0)
     b = ITDABuilder(ITDAConfig(d_in=6, k=2, threshold=0.4, round_size=None))
-    b.add_batch(torch.randn(100, 6, generator=g), manifest(100))
+    first = torch.randn(100, 6, generator=g)
+    b.add_batch(first, manifest(100))
+    # The first batch meets an empty dictionary: its atoms are unit(x - bias) of the tokens whose
+    # whole centred norm is above the threshold, bias being that batch's mean.
+    bias = first.mean(0)
+    err0 = (first - bias).double().pow(2).sum(1) / total_variance(first)
+    tokens0 = b.provenance["token"].tolist()
+    assert tokens0 == (err0 > 0.4).nonzero().squeeze(1).tolist()
+    centred = first[tokens0] - bias
+    torch.testing.assert_close(b.atoms, centred / centred.norm(dim=1, keepdim=True))
+    atoms0 = b.atoms.clone()
+
     x = torch.randn(300, 6, generator=g)
     report = b.add_batch(x, manifest(300, offset=1000))
-    # the errors the batch met: the dictionary before it (and the variance with it)
-    after = b.n_atoms
-    b.atoms = b.atoms[: after - report.added]
-    err = b.errors(x)
-    added_tokens = b.provenance["token"][after - report.added :] - 1000
+    # the errors the batch met: the dictionary before it, the variance of every token so far
+    err = naive_errors(x, atoms0, 2, bias, total_variance(first, x))
+    assert not ((err - 0.4).abs() < 1e-4).any()  # no token so close that float32 could decide it
+    added_tokens = b.provenance["token"][len(atoms0) :] - 1000
     assert 0 < report.added < 300 and report.candidates == int((err > 0.4).sum())
+    assert report.n_atoms == len(atoms0) + report.added == b.n_atoms
+    assert report.fvu == pytest.approx(err.mean().item(), rel=1e-4)
     assert set(added_tokens.tolist()) == set((err > 0.4).nonzero().squeeze(1).tolist())
-    torch.testing.assert_close(b.provenance["error"][after - report.added :], err[added_tokens])
+    torch.testing.assert_close(b.provenance["error"][len(atoms0) :], err[added_tokens].float())
+    # `errors`, the public view of the same quantity, under the dictionary after the batch
+    expected = naive_errors(x, b.atoms, 2, bias, total_variance(first, x))
+    torch.testing.assert_close(b.errors(x).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_rounds_keep_the_first_batch_from_becoming_the_dictionary():
@@ -201,7 +230,8 @@ def test_rounds_keep_the_first_batch_from_becoming_the_dictionary():
         b = ITDABuilder(ITDAConfig(d_in=16, k=2, threshold=0.3, round_size=round_size))
         b.add_batch(x)
         sizes[round_size] = b.n_atoms
-        assert (b.errors(x) <= 0.3).all()  # every token of the batch is now covered (or is an atom)
+        # every token of the batch is now covered (or is an atom)
+        assert (naive_errors(x, b.atoms, 2, x.mean(0), total_variance(x)) <= 0.3 + 1e-5).all()
     assert sizes[None] == 600 and sizes[16] < 60  # all at once, the whole batch becomes atoms
 
 
@@ -385,9 +415,9 @@ BREAKS = {
         lambda f: (f / "atoms.parquet").write_bytes((f / "atoms.parquet").read_bytes()[:100]),
         r"atoms.parquet: not a readable parquet file",
     ),
-    "shape mismatch": (lambda f: _edit_cfg(f, n_features=3), r"itda.safetensors: atoms have shape .*=3"),
-    "nan atoms": (_nan_atoms, r"itda.safetensors: 1 atoms have NaN"),
-    "nan bias": (_nan_bias, r"itda.safetensors: the bias has NaN/inf"),
+    "shape mismatch": (lambda f: _edit_cfg(f, n_features=3), r"itda.safetensors: tensor atoms has .*=3"),
+    "nan atoms": (_nan_atoms, r"itda.safetensors: tensor atoms has 1 NaN"),
+    "nan bias": (_nan_bias, r"itda.safetensors: tensor bias has 1 NaN/inf"),
     "provenance rows": (_drop_provenance_row, r"atoms.parquet: \d+ provenance rows for \d+ atoms"),
     "newer format": (lambda f: _edit_cfg(f, format_version=99), r"cfg.json: format_version 99 is newer"),
     "unknown key": (lambda f: _edit_cfg(f, colour="red"), r"cfg.json: unknown ITDA config keys \['colour'\]"),
@@ -400,7 +430,7 @@ def test_broken_folders_get_clear_errors(saved, case):
     _, folder = saved
     damage, message = BREAKS[case]
     damage(folder)
-    with pytest.raises(ITDALoadError, match=message):
+    with pytest.raises(DictionaryLoadError, match=message):
         ITDA.load(folder)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 import fluxsae.pipelines as pipelines
 from fluxsae import add_to_site, capture, load_pipeline
 from fluxsae.pipelines import PipelineLoadError, quantize_linear_nf4_, weight_bytes
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 
 # Wide enough (d = 128) that linear weights dominate the transformer as in FLUX.1; at the default
 # d = 32 biases, norms and embeddings are a large share and NF4 saves only ~3.6x.

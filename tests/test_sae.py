@@ -9,15 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from fluxsae.dictionary import DictionaryLoadError, SparseCode
 from fluxsae.fileio import load_tensors
-from fluxsae.sae import (
-    EncoderOutput,
-    SAEConfig,
-    SAELoadError,
-    TopKSAE,
-    make_optimizer,
-    train_step,
-)
+from fluxsae.sae import SAEConfig, TopKSAE
+from fluxsae.sae_training import make_optimizer, train_step
 
 F64 = torch.float64
 
@@ -166,7 +161,7 @@ def test_decode_sparse_equals_decode_of_dense_codes(shape, seed):
     x = anisotropic(tokens, d, seed + 1)
     x = x.view(2, -1, d) if tokens % 2 == 0 else x  # leading dims pass through
     top = sae.encode_sparse(x)
-    assert isinstance(top, EncoderOutput)
+    assert isinstance(top, SparseCode)
     x_hat = sae.decode_sparse(*top)
     torch.testing.assert_close(x_hat, sae.decode(sae.encode(x)))
     torch.testing.assert_close(x_hat, sae(x).x_hat)
@@ -188,13 +183,13 @@ def test_fold_normalization_is_exact(method):
     assert folded.cfg.normalization == method  # records what training used
     assert torch.equal(folded.norm_transform, torch.eye(d)) and not folded.norm_mean.any()
     a, b = sae.encode_sparse(x), folded.encode_sparse(x)
-    assert torch.equal(a.top_indices.sort(-1).values, b.top_indices.sort(-1).values)
+    assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
     torch.testing.assert_close(folded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
     codes = sae.encode(x)
     torch.testing.assert_close(folded.decode(codes), sae.decode(codes), rtol=1e-5, atol=1e-5 * x.abs().max())
     # The weights really work on raw activations now: the plain formula, no normalisation.
     pre = (x - folded.b_dec) @ folded.W_enc.T + folded.b_enc
-    torch.testing.assert_close(pre.topk(8).values.relu(), a.top_acts.sort(-1, descending=True).values)
+    torch.testing.assert_close(pre.topk(8).values.relu(), a.values.sort(-1, descending=True).values)
 
 
 def test_normalization_whitens_the_sample():
@@ -312,13 +307,13 @@ def edit_cfg(**change):
 def test_load_errors_name_the_file_and_the_problem(tmp_path, damage, file, words):
     _, folder = saved(tmp_path)
     damage(folder)
-    with pytest.raises(SAELoadError, match=words) as err:
+    with pytest.raises(DictionaryLoadError, match=words) as err:
         TopKSAE.load(folder)
     assert str(folder / file) in str(err.value)
 
 
 def test_load_from_a_folder_that_does_not_exist(tmp_path):
-    with pytest.raises(SAELoadError, match="folder does not exist"):
+    with pytest.raises(DictionaryLoadError, match="folder does not exist"):
         TopKSAE.load(tmp_path / "transformer_blocks.99.image")
 
 
@@ -410,7 +405,7 @@ def revival_run(aux_k, steps=40, live=12, n_true=16, d=32, batch=256):
     sae.eval()
     with torch.no_grad():
         out = sae(sample(2048))
-    return out.fvu.item(), out.top_indices[out.top_acts > 0].unique()
+    return out.fvu.item(), out.indices[out.values > 0].unique()
 
 
 def test_auxk_teaches_features_that_never_win_a_slot():
@@ -428,25 +423,83 @@ def test_auxk_is_off_while_nothing_is_dead_and_firing_is_counted_in_training():
     out = sae(torch.randn(10, 8, dtype=F64))
     assert out.aux_loss.item() == 0.0
     fired = torch.zeros(64, dtype=torch.bool)
-    fired[out.top_indices[out.top_acts > 0]] = True
+    fired[out.indices[out.values > 0]] = True
     assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, 17))
     sae.eval()
     sae(torch.randn(10, 8, dtype=F64))
     assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, 17))  # eval passes do not count
 
 
-def test_train_step_through_distributed_data_parallel(tmp_path):
-    import torch.distributed as dist
+DDP_STEPS, DDP_TOKENS = 3, 32  # tokens per process and step
+CLIP = 0.01  # below the gradient norm, so clipping acts on every step
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+def ddp_batches(mirrored: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rank 0's tokens, rank 1's tokens) for each step. `mirrored`: rank 1's are rank 0's reflected
+    through their common mean, so both halves have the global mean and half the global variance:
+    then the mean of the two per-process FVUs is the FVU of the global batch, exactly, and so is the
+    gradient DDP averages."""
+    out = []
+    for step in range(DDP_STEPS):
+        a = anisotropic(DDP_TOKENS, 8, seed=100 + step)
+        if mirrored:
+            out.append((a, 2 * a.mean(0) - a))
+        else:
+            out.append((a, anisotropic(DDP_TOKENS, 8, seed=200 + step)))
+    return out
+
+
+def ddp_sae(aux_dead_after: int) -> TopKSAE:
+    return make_sae(8, 32, 4, aux_k=4, dead_after_tokens=aux_dead_after)
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    """One of two processes: a few train_steps through DDP on this rank's half of each batch."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        sae = make_sae(8, 32, 4, dtype=torch.float32, aux_k=4, dead_after_tokens=10)
-        ddp = torch.nn.parallel.DistributedDataParallel(sae)
-        opt = make_optimizer(sae, 1e-3)
-        before = sae.W_dec.detach().clone()
-        stats = train_step(ddp, opt, torch.randn(64, 8), clip_grad=1.0)
-        assert set(stats) == {"fvu", "aux_loss", "l0", "dead_fraction"}
-        assert not torch.equal(sae.W_dec, before)
-        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+        result = {}
+        # "exact": nothing is dead, so only FVU trains; "aux": features die after 10 tokens, and each
+        # process's dead mask and AuxK loss are its own (train_sae syncs the counters after a step).
+        for name, dead_after, mirrored in (("exact", 10**9, True), ("aux", 10, False)):
+            sae = ddp_sae(dead_after)
+            ddp = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
+            opt = make_optimizer(sae, 1e-2)
+            for halves in ddp_batches(mirrored):
+                stats = train_step(ddp, opt, halves[rank], clip_grad=CLIP)
+            assert set(stats) == {"fvu", "aux_loss", "l0", "dead_fraction"}
+            if name == "aux":
+                assert stats["aux_loss"] > 0 and stats["dead_fraction"] > 0  # the AuxK path ran
+            result.update({f"{name}.{k}": v.detach().clone() for k, v in sae.named_parameters()})
+        save_file(result, f"{out}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
+
+
+def test_train_step_through_distributed_data_parallel(tmp_path):
+    """Two real processes (gloo): they end with identical parameters, and with those of one process
+    that trained on the global batch."""
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imported modules (spawning two fresh interpreters costs seconds)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    args = (str(tmp_path / "store"), str(tmp_path))
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, start_method=method)
+    rank0, _ = load_tensors(tmp_path / "rank0.safetensors")
+    rank1, _ = load_tensors(tmp_path / "rank1.safetensors")
+    assert list(rank0) == list(rank1)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+    sae = ddp_sae(10**9)
+    start = {k: v.detach().clone() for k, v in sae.named_parameters()}
+    opt = make_optimizer(sae, 1e-2)
+    for a, b in ddp_batches(mirrored=True):
+        train_step(sae, opt, torch.cat([a, b]), clip_grad=CLIP)
+    for k, v in sae.named_parameters():
+        assert not torch.allclose(v, start[k]), k  # the comparison below compares trained weights
+        torch.testing.assert_close(rank0[f"exact.{k}"], v.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(rank0["aux.W_dec"].norm(dim=1), torch.ones(32, dtype=F64))

@@ -76,7 +76,7 @@ def test_packaged_dictionaries_reconstruct_fresh_activations(pipe, site):
 
 
 def test_binding_probe_targets_follow_the_tokens_and_the_pixels(pipe):
-    from training.shapes_model import NO_OBJECT, PROBED_ATTRIBUTES, image_targets, text_targets
+    from training.shapes_probes import NO_OBJECT, PROBED_ATTRIBUTES, image_targets, text_targets
 
     length = shapes.GENERATION_DEFAULTS["max_sequence_length"]
     for scene in shapes.sample_scenes(40, seed=31, held_out="include"):

@@ -50,21 +50,19 @@ def _cell(obj):
     return int(obj.y // third) * 3 + int(obj.x // third)
 
 
-def test_constants_are_as_specified():
-    assert SHAPES == ("circle", "square", "triangle")
-    assert set(COLORS) == {"red", "green", "blue", "yellow", "purple", "orange"}
-    assert SIZES == ("small", "large")
-    assert POSITIONS == ("top left", "top", "top right", "left", "center", "right",
-                         "bottom left", "bottom", "bottom right")
-    assert dict(BACKGROUNDS) == {"black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
-    assert (IMAGE_SIZE, TOKEN_GRID, PATCH) == (64, 8, 8)
-    # Every key is a FluxPipeline call argument; the image is the trained 64 px; captions fit the length.
+def test_the_world_is_as_specified():
+    # ARCHITECTURE.md: shapes (circle, square, triangle, ...), >= 5 colours, small and large, a 3x3
+    # grid of positions (test_objects_are_inside_the_image_in_their_cell checks the order), backgrounds.
+    assert {"circle", "square", "triangle"} <= set(SHAPES) and len(COLORS) >= 5 and len(BACKGROUNDS) >= 2
+    assert set(SIZES) == {"small", "large"} and len(set(POSITIONS)) == 9
+    # Images are IMAGE_SIZE px and split into TOKEN_GRID x TOKEN_GRID tokens of PATCH px.
+    assert TOKEN_GRID * PATCH == IMAGE_SIZE
+    assert render(sample_scenes(1, seed=0)[0]).size == (IMAGE_SIZE, IMAGE_SIZE)
+    # Every key is a FluxPipeline call argument, and the defaults cannot be changed by accident.
     from diffusers import FluxPipeline
 
     assert set(GENERATION_DEFAULTS) <= set(inspect.signature(FluxPipeline.__call__).parameters)
-    assert (GENERATION_DEFAULTS["height"], GENERATION_DEFAULTS["width"]) == (64, 64)
-    longest = max(len(caption(s).split()) for s in sample_scenes(2000, seed=5, n_objects=2))
-    assert longest + 1 <= GENERATION_DEFAULTS["max_sequence_length"]  # + </s>
+    assert (GENERATION_DEFAULTS["height"], GENERATION_DEFAULTS["width"]) == (IMAGE_SIZE, IMAGE_SIZE)
     with pytest.raises(TypeError):
         GENERATION_DEFAULTS["height"] = 512
     # Colours must stay far apart from each other and from every background to be readable.
@@ -75,6 +73,29 @@ def test_constants_are_as_specified():
         assert color in COLORS and shape in SHAPES
     trained = [pair for pair in itertools.product(COLORS, SHAPES) if pair not in HELD_OUT_PAIRS]
     assert {c for c, _ in trained} == set(COLORS) and {s for _, s in trained} == set(SHAPES)
+
+
+def test_the_packaged_model_was_made_for_this_world():
+    """Its tokenizers know exactly the world's words, every caption fits them untruncated, and its VAE
+    turns IMAGE_SIZE px into the TOKEN_GRID x TOKEN_GRID tokens the labels are given on."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer
+
+    from fluxsae.pipelines import shapes_model_dir
+
+    folder = shapes_model_dir()
+    captions = [caption(s) for s in sample_scenes(2000, seed=5, n_objects=2, held_out="include")]
+    # CLIP pools the hidden state at </s>: a truncated caption loses it. T5 is padded to
+    # max_sequence_length with no attention mask, so a longer caption would be cut too.
+    for sub, limit in (("tokenizer", None), ("tokenizer_2", GENERATION_DEFAULTS["max_sequence_length"])):
+        tok = AutoTokenizer.from_pretrained(folder / sub)
+        assert set(tok.get_vocab()) - set(tok.all_special_tokens) == set(vocabulary()), sub
+        ids = tok(captions)["input_ids"]
+        assert not any(tok.unk_token_id in row for row in ids), sub
+        assert max(len(row) for row in ids) <= (limit or tok.model_max_length), sub
+    vae = AutoencoderKL.load_config(folder / "vae")
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # as FluxPipeline computes it
+    assert vae_scale_factor * 2 == PATCH  # VAE down-sampling, then Flux's 2x2 packing
 
 
 def test_object_rejects_unknown_attribute_values():

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fluxsae.configs import meta_transformer
+from fluxsae.flux import meta_transformer
 from fluxsae.sites import Site, SiteError, all_sites, parse_site, resolve_site, site_dim, validate_site
 
 

@@ -1,6 +1,7 @@
 """Training SAEs on harvested activations: it learns, it resumes where it was killed, two DDP
 processes agree with one, and the result loads back with `load_sae` and works spliced into a pipeline."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,8 +18,11 @@ from fluxsae.activations import ActivationStore
 from fluxsae.evaluate import reconstruction_metrics, spliced_effect
 from fluxsae.hub import DictionaryMismatchError, DictionaryNotFoundError, check_matches_pipeline
 from fluxsae.sae import SAEConfig, TopKSAE
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline
-from training import harvest, train_sae
+from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
+from training import build_itda as build_cmd
+from training import harvest, shapes_model, train_sae
+from training.cli import add_config_arguments, config_from_args, field_docs
+from training.work import claim
 
 SITE = "transformer_blocks.1.image"
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +174,138 @@ def test_a_dictionary_from_another_model_or_width_is_refused(acts):
 def test_an_unreachable_hub_repo_says_what_to_do():
     with pytest.raises(DictionaryNotFoundError, match="HF_HUB_OFFLINE"):
         fluxsae.load_sae("nobody/no-such-saes", site=SITE)
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def in_memory_sample(store, shards, n, seed):
+    """The normalisation sample as it was drawn before it streamed: every shard loaded, then sampled."""
+    x, _ = store.load(SITE, shards)
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def test_the_normalisation_sample_reads_only_its_rows_and_equals_the_in_memory_one(acts, monkeypatch):
+    store = ActivationStore(acts / "acts")
+    shards = list(range(8))
+    for n in (5, 700, 100_000):  # a few rows per shard, most rows, more than there are
+        assert torch.equal(store.sample_rows(SITE, shards, n, seed=3), in_memory_sample(store, shards, n, 3))
+    # The SAE built from it is the one the in-memory sample gave, and no shard is loaded whole.
+    cfg = train_sae.TrainConfig(
+        acts=str(acts / "acts"), site=SITE, n_features=64, k=4, aux_k=16, norm_sample=500
+    )
+    sample = in_memory_sample(store, shards, 500, cfg.seed)
+    monkeypatch.setattr(ActivationStore, "load", lambda *a, **k: pytest.fail("a whole shard was loaded"))
+    sae = train_sae.build_sae(cfg, store, shards)
+    torch.manual_seed(cfg.seed)
+    expected = TopKSAE(dataclasses.replace(sae.cfg))
+    expected.fit_normalization(sample, cfg.normalization)
+    expected.init_b_dec_from_data(sample)
+    assert sae.cfg.mean_token_norm == sample.norm(dim=-1).mean().item()
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in sae.state_dict().items())
+
+
+def test_shuffled_batches_are_the_ones_the_whole_window_in_memory_gave(acts):
+    """Windows are kept in the storage dtype and gathered per batch; the batches must not change."""
+    store = ActivationStore(acts / "acts")
+
+    def in_memory_batches(batch_size, world, rank, shards_in_memory):
+        g = torch.Generator().manual_seed(2 * 1_000_003 + 1)  # seed 2, epoch 1
+        order = [list(range(8))[i] for i in torch.randperm(8, generator=g).tolist()]
+        carry, global_batch = None, batch_size * world
+        for start in range(0, 8, shards_in_memory):
+            window, _ = store.load(SITE, order[start : start + shards_in_memory])
+            window = window[torch.randperm(len(window), generator=g)]
+            window = window if carry is None else torch.cat([carry, window])
+            n_full = len(window) // global_batch
+            for b in range(n_full):
+                chunk = window[b * global_batch : (b + 1) * global_batch]
+                yield chunk[rank * batch_size : (rank + 1) * batch_size]
+            carry = window[n_full * global_batch :]
+
+    for batch_size, world, shards_in_memory in ((64, 1, 8), (50, 2, 3), (700, 1, 1), (300, 2, 2)):
+        for rank in range(world):
+            old = list(in_memory_batches(batch_size, world, rank, shards_in_memory))
+            new = list(store.batches(SITE, batch_size, shards=list(range(8)), seed=2, epoch=1, rank=rank,
+                                     world_size=world, shards_in_memory=shards_in_memory))  # fmt: skip
+            assert len(new) == len(old) > 0
+            assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+
+
+def dense_metrics(dictionary, x):
+    """The formulas of fluxsae.evaluate on dense codes, all of x in memory at once: the oracle."""
+    codes = dictionary.encode(x)
+    x_hat = dictionary.decode(codes).float()
+    fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    xc, hc = x - x.mean(0), x_hat - x_hat.mean(0)
+    corr = (xc * hc).sum(0) / (xc.norm(dim=0) * hc.norm(dim=0)).clamp_min(1e-12)
+    fired = (codes != 0).sum(0)
+    density = fired.float() / len(x)
+    return {
+        "fvu": fvu, "explained_variance": 1 - fvu, "r2_mean_dim": corr.pow(2).mean().item(),
+        "l0": (codes != 0).sum().item() / len(x), "dead_fraction": (fired == 0).float().mean().item(),
+        "density_median": density.median().item(), "density_max": density.max().item(), "n_tokens": len(x),
+    }  # fmt: skip
+
+
+def test_streamed_sparse_metrics_equal_the_dense_formulas(acts):
+    from fluxsae.evaluate import density_histogram
+    from fluxsae.itda_build import build_itda
+
+    store = ActivationStore(acts / "acts")
+    x, _ = store.load(SITE, shards=[8, 9])
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=32, n_features=128, k=4, site=SITE, normalization="none"))
+    train_x, _ = store.load(SITE, shards=range(8))
+    sae.init_b_dec_from_data(train_x)
+    itda = build_itda(train_x.split(256), d_in=32, k=4, threshold=0.2, max_atoms=60)
+    assert 0 < itda.n_atoms <= 60
+    for dictionary in (sae, itda):
+        expected = dense_metrics(dictionary, x)
+        for streamed in (
+            reconstruction_metrics(dictionary, x, batch_size=100),  # a tensor, in batches
+            reconstruction_metrics(dictionary, store.iter_rows(SITE, [8, 9], batch_size=77)),  # a stream
+        ):
+            assert streamed.keys() == expected.keys()
+            for key, value in expected.items():
+                assert streamed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (type(dictionary), key)
+        counts, edges = density_histogram(dictionary, store.iter_rows(SITE, [8, 9], batch_size=50), bins=10)
+        density = (dictionary.encode(x) != 0).float().mean(0).numpy()
+        assert counts.sum() == (density > 0).sum()
+        assert edges[0] == pytest.approx(np.log10(density[density > 0]).min(), rel=1e-5)
+    with pytest.raises(ValueError, match="no tokens"):
+        reconstruction_metrics(sae, iter([]))
+
+
+def test_every_setting_has_help_and_none_turns_an_optional_setting_off(capsys):
+    commands = {
+        train_sae.main: (train_sae.TrainConfig, "Training tokens drawn at random"),
+        build_cmd.main: (build_cmd.BuildConfig, "Stop adding atoms at this many"),
+        shapes_model.main: (shapes_model.ShapesModelConfig, "Images per VAE step"),
+        harvest.main: (harvest.HarvestConfig, "Prompt i is generated with seed"),
+    }
+    for main, (cls, doc) in commands.items():
+        assert set(field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, cls  # each has a docstring
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0
+        assert doc in " ".join(capsys.readouterr().out.split()), cls
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, train_sae.TrainConfig)
+    required = ["--acts", "h", "--site", SITE]
+    assert config_from_args(train_sae.TrainConfig, p.parse_args(required)).lr is None
+    assert config_from_args(train_sae.TrainConfig, p.parse_args([*required, "--lr", "1e-3"])).lr == 1e-3
+    assert config_from_args(train_sae.TrainConfig, p.parse_args([*required, "--lr", "None"])).lr is None
+    with pytest.raises(SystemExit):
+        p.parse_args([*required, "--lr", "fast"])
+    assert "'fast' is not a float or 'none'" in capsys.readouterr().err
+
+
+def test_a_work_folder_of_an_older_version_resumes_and_other_settings_are_refused(tmp_path):
+    cfg = train_sae.TrainConfig(acts="h", site=SITE)
+    legacy = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "shards_in_memory"}
+    (tmp_path / "train_config.json").write_text(json.dumps({**legacy, "lr": 0.0}))  # 0 meant "automatic"
+    claim(tmp_path, "train_config.json", cfg)
+    assert json.loads((tmp_path / "train_config.json").read_text())["lr"] is None
+    with pytest.raises(SystemExit, match=r"other settings \(k, lr differ from .*train_config.json\)"):
+        claim(tmp_path, "train_config.json", dataclasses.replace(cfg, k=8, lr=1e-3))

@@ -13,7 +13,6 @@ FVU / L0 are printed and written to `--work/result.json`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -30,9 +29,11 @@ from tqdm import tqdm
 from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
-from fluxsae.itda import ITDAConfig, build_itda
+from fluxsae.itda import ITDAConfig
+from fluxsae.itda_build import build_itda
 from fluxsae.sites import parse_site
-from training.cli import add_config_arguments, config_from_args
+from training.cli import dictionary_command
+from training.work import claim
 
 logger = logging.getLogger("training.build_itda")
 
@@ -49,12 +50,13 @@ class BuildConfig:
     """L0 of the codes (atoms per token)."""
     threshold: float = 0.6
     """Add a token as an atom when its normalised error exceeds this (reference: 0.6, range 0.1-0.6)."""
-    max_atoms: int = 0
-    """Stop adding atoms at this many (0: no cap)."""
-    prune_cosine: float = 0.0
-    """Drop candidates with a cosine above this to a kept atom (reference: 0.8; 0: only 0.99 duplicates)."""
-    round_size: int = 256
-    """Candidates of one batch added per round before the rest are re-checked (0: all at once)."""
+    max_atoms: int | None = None
+    """Stop adding atoms at this many; the build then ends (None: no cap)."""
+    prune_cosine: float | None = None
+    """Drop candidates with a cosine above this to a kept atom (reference: 0.8; None: only 0.99
+    duplicates)."""
+    round_size: int | None = 256
+    """Candidates of one batch added per round before the rest are re-checked (None: all at once)."""
     encoder: Literal["gradient_pursuit", "matching_pursuit"] = "gradient_pursuit"
     """How codes are computed."""
     center: bool = True
@@ -63,12 +65,12 @@ class BuildConfig:
     """Tokens per batch."""
     held_out: float = 0.1
     """Share of shards kept for evaluation (never used to build)."""
-    eval_tokens: int = 0
-    """Held-out tokens to evaluate on, a random subset (0: all of them)."""
+    eval_tokens: int | None = None
+    """Held-out tokens to evaluate on, a random subset (None: all of them, streamed)."""
     seed: int = 0
     """Seed of the shuffled data order."""
     shards_in_memory: int = 8
-    """Shards loaded and shuffled together."""
+    """Shards read and shuffled together: memory holds this many shards in their storage dtype."""
     checkpoint_every: int = 20
     """Batches between checkpoints."""
 
@@ -89,22 +91,9 @@ def manifest_batches(
     """
     g = torch.Generator().manual_seed(seed)
     order = [shards[i] for i in torch.randperm(len(shards), generator=g).tolist()]
-    carry_x, carry_m = None, None
-    for start in range(0, len(order), shards_in_memory):
-        x, manifest = store.load(site, order[start : start + shards_in_memory])
-        perm = torch.randperm(len(x), generator=g)
-        x, manifest = x[perm], {k: v[perm] for k, v in manifest.items()}
-        if carry_x is not None:
-            x = torch.cat([carry_x, x])
-            manifest = {k: torch.cat([carry_m[k], v]) for k, v in manifest.items()}
-        n_full = len(x) // batch_size
-        for b in range(n_full):
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            yield x[sl], {k: v[sl] for k, v in manifest.items()}
-        rest = slice(n_full * batch_size, None)
-        carry_x, carry_m = x[rest], {k: v[rest] for k, v in manifest.items()}
-    if carry_x is not None and len(carry_x):
-        yield carry_x, carry_m
+    yield from store.shuffled_chunks(
+        site, order, batch_size, g, shards_in_memory=shards_in_memory, with_manifest=True, keep_last=True
+    )
 
 
 def itda_config(cfg: BuildConfig, store: ActivationStore) -> ITDAConfig:
@@ -112,8 +101,8 @@ def itda_config(cfg: BuildConfig, store: ActivationStore) -> ITDAConfig:
     gen = harvest["generation"]
     return ITDAConfig(
         d_in=store.dim(cfg.site), k=cfg.k, site=cfg.site, base_model=harvest["model"],
-        base_revision=harvest.get("revision"), threshold=cfg.threshold, max_atoms=cfg.max_atoms or None,
-        prune_cosine=cfg.prune_cosine or None, round_size=cfg.round_size or None, encoder=cfg.encoder,
+        base_revision=harvest.get("revision"), threshold=cfg.threshold, max_atoms=cfg.max_atoms,
+        prune_cosine=cfg.prune_cosine, round_size=cfg.round_size, encoder=cfg.encoder,
         center=cfg.center,
         steps=tuple(harvest["steps"]), resolution=(gen["height"], gen["width"]), dtype=harvest["dtype"],
         quantization=harvest.get("quantization"), extra={"generation": gen},
@@ -126,18 +115,12 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
     train_shards, eval_shards = split_shards(len(store.shards), cfg.held_out)
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to build from; harvest first.")
-    work.mkdir(parents=True, exist_ok=True)
-    saved = work / "build_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        raise SystemExit(
-            f"{work} holds a build with other settings ({saved}); pass another --work or delete it."
-        )
-    write_json(saved, asdict(cfg))
+    claim(work, "build_config.json", cfg, what="a build")
 
     itda_cfg = itda_config(cfg, store)
     stream = parse_site(cfg.site).stream
-    stream_rows = sum(store.shards[i].rows[stream] for i in train_shards)
-    total = -(-stream_rows // cfg.batch_size)
+    train_rows = sum(store.shards[i].rows[stream] for i in train_shards)
+    total = -(-train_rows // cfg.batch_size)
     checkpoint = work / "checkpoint.safetensors"
     done = 0
     if checkpoint.is_file():  # a resumed build skips the batches before its checkpoint
@@ -162,11 +145,12 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
         "seconds_this_run": round(time.time() - t0, 2),
         **itda.cfg.extra["build"],
     }
-    if eval_shards:
-        x, _ = store.load(cfg.site, eval_shards)
-        if cfg.eval_tokens and len(x) > cfg.eval_tokens:
-            g = torch.Generator().manual_seed(cfg.seed + 1)
-            x = x[torch.randperm(len(x), generator=g)[: cfg.eval_tokens]]
+    if eval_shards:  # streamed, or only the sampled rows read: memory never holds the held-out shards
+        held_out_rows = sum(store.shards[i].rows[stream] for i in eval_shards)
+        if cfg.eval_tokens is not None and held_out_rows > cfg.eval_tokens:
+            x = store.sample_rows(cfg.site, eval_shards, cfg.eval_tokens, seed=cfg.seed + 1)
+        else:
+            x = store.iter_rows(cfg.site, eval_shards)
         result["held_out"] = reconstruction_metrics(itda, x)
     extra = {**itda.cfg.extra, "build_config": asdict(cfg), **result}
     itda.cfg = dataclasses.replace(itda.cfg, extra=extra)
@@ -177,17 +161,13 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="checkpoint, build_config.json, result.json")
-    p.add_argument("--out", type=Path, default=None, help="dictionary folder: the ITDA goes to OUT/<site>/")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    add_config_arguments(p, BuildConfig)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = config_from_args(BuildConfig, args)
+    cfg, args = dictionary_command(
+        BuildConfig,
+        argv,
+        __doc__,
+        work_help="checkpoint, build_config.json, result.json",
+        out_help="dictionary folder: the ITDA goes to OUT/<site>/",
+    )
     result = build(cfg, args.work, args.out, args.device)
     print(json.dumps(result, indent=2))
 

@@ -20,24 +20,87 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from fluxsae import capture, load_pipeline, shapes
 from fluxsae.activations import STORAGE_DTYPES, ActivationStore, shard_name, stream_rows, write_shard
-from fluxsae.fileio import atomic_path, write_json
+from fluxsae.fileio import atomic_path
 from fluxsae.heatmap import token_grid
+from fluxsae.pipelines import generation_defaults
 from fluxsae.sites import parse_site, site_dim
+from training.cli import add_config_arguments, config_from_args
+from training.work import claim
 
-FLUX_GENERATION = {"height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 256,
-                   "guidance_scale": 0.0}  # fmt: skip
-"""FLUX.1-schnell as the reference work ran it (256 x 256 -> 16 x 16 image tokens)."""
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What to harvest from which model, and where (the harvest itself is described by OUT/harvest.json,
+    which a resumed harvest must match)."""
+
+    sites: str
+    """Comma-separated sites, e.g. transformer_blocks.3.image,single_transformer_blocks.3.image."""
+    out: str
+    """Harvest folder: harvest.json, prompts.jsonl, shards/ (a rerun resumes at the first missing shard)."""
+    model: str = "shapes"
+    """'shapes', a Hub id or a pipeline folder."""
+    quantize: Literal["nf4"] | None = None
+    """Quantise the transformer (nf4 keeps FLUX.1's near 7 GB); None: as stored."""
+    revision: str | None = None
+    """Hub revision (commit) of the model; None: the default branch."""
+    steps: str = "all"
+    """Denoising steps to keep: 'all', '0,1,2' or '0-3'."""
+    prompts: str | None = None
+    """'shapes' (captions of the Shapes world) or a text file, one prompt per line."""
+    dataset: str | None = None
+    """A Hugging Face dataset of captions, read from `column` of `split` (instead of --prompts)."""
+    column: str = "caption_llava_short"
+    """The dataset's caption column."""
+    split: str = "train"
+    """The dataset's split."""
+    n_prompts: int | None = 1000
+    """Prompts to harvest (None: every line of a --prompts file)."""
+    prompt_seed: int = 1
+    """Seed of the Shapes scenes (not of the noise)."""
+    seed: int = 0
+    """Prompt i is generated with seed SEED + i, alone in its generator."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Storage dtype of the activations."""
+    prompts_per_shard: int = 64
+    """Prompts per shard file (a shard holds prompts x steps x tokens rows per site)."""
+    batch_size: int = 16
+    """Prompts per pipeline call."""
+    device: str | None = None
+    """Where the pipeline runs; None: cuda:LOCAL_RANK when a GPU is there, else the CPU."""
+    threads: int | None = None
+    """Torch CPU threads; None: torch's default."""
+    height: int | None = None
+    """Image height in pixels; None: what the model was made for (fluxsae.pipelines.generation_defaults)."""
+    width: int | None = None
+    """Image width in pixels; None: the model's default."""
+    num_inference_steps: int | None = None
+    """Denoising steps; None: the model's default."""
+    max_sequence_length: int | None = None
+    """T5 tokens; None: the model's default."""
+    guidance_scale: float | None = None
+    """Distilled guidance (FLUX.1-dev); None: the model's default."""
+    true_cfg_scale: float | None = None
+    """Classifier-free guidance with an empty negative prompt (> 1 turns it on); None: the model's default."""
+
+
+GENERATION_FIELDS = ("height", "width", "num_inference_steps", "max_sequence_length", "guidance_scale",
+                     "true_cfg_scale")  # fmt: skip
+"""The HarvestConfig fields that override the model's generation defaults."""
 
 
 def load_prompts(args) -> list[dict]:
     """[{"prompt", ...}] from the Shapes world, a text file or a Hugging Face dataset."""
+    if args.n_prompts is None and (args.prompts == "shapes" or not args.prompts):
+        raise SystemExit("--n-prompts none reads every line of a --prompts file; say how many otherwise.")
     if args.prompts == "shapes":
         scenes = shapes.sample_scenes(args.n_prompts, seed=args.prompt_seed)
         return [{"prompt": shapes.caption(s), "scene": dataclasses.asdict(s)} for s in scenes]
@@ -50,7 +113,7 @@ def load_prompts(args) -> list[dict]:
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not lines:
             raise SystemExit(f"--prompts {path} holds no prompts.")
-        return [{"prompt": p} for p in lines[: args.n_prompts or None]]
+        return [{"prompt": p} for p in lines[: args.n_prompts]]
     if args.dataset:
         from datasets import load_dataset
 
@@ -120,29 +183,8 @@ def harvest_shard(
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes", help="'shapes', a Hub id or a pipeline folder")
-    p.add_argument("--quantize", choices=["nf4"], default=None)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--sites", required=True, help="comma-separated sites, e.g. transformer_blocks.3.image")
-    p.add_argument("--steps", default="all", help="denoising steps to keep: 'all', '0,1,2' or '0-3'")
-    p.add_argument("--prompts", default=None, help="'shapes' (captions of the Shapes world) or a text file")
-    p.add_argument("--dataset", default=None, help="a Hugging Face dataset of captions")
-    p.add_argument("--column", default="caption_llava_short")
-    p.add_argument("--split", default="train")
-    p.add_argument("--n-prompts", type=int, default=1000)
-    p.add_argument("--prompt-seed", type=int, default=1, help="seed of the Shapes scenes (not the noise)")
-    p.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed SEED + i")
-    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="bfloat16", help="storage dtype")
-    p.add_argument("--prompts-per-shard", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
-    for name in ("height", "width", "num_inference_steps", "max_sequence_length"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("guidance_scale", "true_cfg_scale"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    args = p.parse_args(argv)
+    add_config_arguments(p, HarvestConfig)
+    args = config_from_args(HarvestConfig, p.parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -150,17 +192,9 @@ def main(argv=None) -> None:
     device = args.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    gen = dict(shapes.GENERATION_DEFAULTS if args.model == "shapes" else FLUX_GENERATION)
-    for name in (
-        "height",
-        "width",
-        "num_inference_steps",
-        "max_sequence_length",
-        "guidance_scale",
-        "true_cfg_scale",
-    ):
-        if getattr(args, name) is not None:
-            gen[name] = getattr(args, name)
+    # the model's own defaults (FLUX.1-schnell's for any model other than shapes); flags override them
+    gen = generation_defaults(args.model if args.model == "shapes" else "black-forest-labs/FLUX.1-schnell")
+    gen.update({name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name) is not None})
     if gen.get("true_cfg_scale", 1.0) > 1 and "negative_prompt" not in gen:
         gen["negative_prompt"] = ""
 
@@ -178,19 +212,9 @@ def main(argv=None) -> None:
         "prompt_seed": args.prompt_seed if args.prompts == "shapes" else None,
         "column": args.column if args.dataset else None, "cfg_pass": "cond",
     }  # fmt: skip
-    out = args.out
+    out = Path(args.out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    if (out / "harvest.json").exists():
-        old = json.loads((out / "harvest.json").read_text())
-        if old != json.loads(json.dumps(config)):
-            changed = sorted(
-                k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k)
-            )
-            raise SystemExit(
-                f"{out} holds a harvest with other settings ({', '.join(changed)}); use another --out."
-            )
-    elif rank == 0:
-        write_json(out / "harvest.json", config)
+    claim(out, "harvest.json", config, what="a harvest", flag="--out", write=rank == 0)
     if rank == 0 or not (out / "prompts.jsonl").exists():
         with atomic_path(out / "prompts.jsonl") as tmp:
             tmp.write_text(

@@ -40,9 +40,29 @@ from fluxsae import shapes
 from fluxsae.fileio import atomic_path, load_tensors, save_tensors, write_json
 from fluxsae.pipelines import shapes_model_dir
 from fluxsae.sites import resolve_site
-from fluxsae.testing import flux_components
+from fluxsae.tiny import flux_components
+from training.cli import add_config_arguments, config_from_args, parse_assignments
+from training.shapes_probes import IGNORE, NO_OBJECT, AttributeProbe, image_targets, text_targets
+from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("training.shapes_model")
+
+# Seeds. Every random draw is a pure function of (cfg.seed, stage, step), so a resumed run draws what
+# an unbroken one would. The strides are primes larger than the stages' step counts, so two stages
+# or two seeds do not draw from the same seed.
+SEED_STRIDE = 1_000_003
+"""Scene seeds: cfg.seed * SEED_STRIDE + stage * STAGE_STRIDE + step."""
+STAGE_STRIDE = 100_003
+VAE_STAGE, LATENT_STAGE = 1, 2
+"""The `stage` of the VAE batches and of the scenes encoded for the transformer stage."""
+VAE_NOISE_STRIDE = 7919
+"""The VAE's posterior sample at a step: torch.manual_seed(cfg.seed * VAE_NOISE_STRIDE + step)."""
+DIT_BATCH_STRIDE = 104_729
+"""A transformer batch (scenes, dropped captions, noise, sigmas): cfg.seed * DIT_BATCH_STRIDE + step."""
+EVAL_SEED = 987_654
+"""Scenes and noise of the quick evaluations after training (the benchmark uses others)."""
+LOG_EVERY = 50
+"""Steps between rows of the stage logs (vae_log.jsonl, transformer_log.jsonl)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,9 @@ class ShapesModelConfig:
     vae_steps: int = 1000
     """VAE optimisation steps."""
     vae_batch: int = 16
+    """Images per VAE step."""
     vae_lr: float = 1e-3
+    """Peak VAE learning rate (cosine decay to 5% of it)."""
     vae_kl_weight: float = 1e-6
     """Tiny: the latents must keep the crisp edges that tell a small square from a circle."""
     latent_scenes: int = 40_000
@@ -63,14 +85,20 @@ class ShapesModelConfig:
     """Share of two-object scenes among them (the world draws half): binding two objects is the hard
     part, one object is learnt early."""
     dit_steps: int = 3200
+    """Transformer (and text encoder) optimisation steps."""
     dit_batch: int = 64
+    """Captioned latents per transformer step."""
     dit_lr: float = 1e-3
+    """Peak AdamW learning rate of the transformer stage (linear warm-up, cosine decay to 10%)."""
     dit_weight_decay: float = 0.01
+    """AdamW weight decay of the transformer stage."""
     dit_warmup: int = 200
+    """Steps of linear learning-rate warm-up."""
     schedule_sigma_rate: float = 0.3
     """Share of each batch trained at exactly the sigmas that `num_inference_steps` samples at; the
     rest is half uniform, half logit-normal."""
     ema_decay: float = 0.999
+    """Decay of the parameter average the saved model uses (ramped up over the first steps)."""
     empty_prompt_rate: float = 0.1
     """Share of captions replaced by "" so the model also learns the unconditional distribution
     (classifier-free guidance, GENERATION_DEFAULTS["true_cfg_scale"], needs it)."""
@@ -90,15 +118,25 @@ class ShapesModelConfig:
     token must predict the attributes of the object covering it (COVER_FRACTION) or "no object", at
     every noise level, so the transformer must fetch from the prompt what belongs at its position."""
     image_probe_block: int = 2
+    """The double block (0..num_layers - 1) whose image tokens the image probe reads."""
     text_dim: int = 128
+    """Width of the tiny CLIP and T5 text encoders."""
     text_layers: int = 3
+    """Layers of each text encoder."""
     vae_channels: tuple[int, ...] = (32, 64, 64)
+    """Channels of the VAE's blocks (len - 1 halvings: 3 blocks down-sample x4)."""
     latent_channels: int = 4
+    """Channels of the VAE latents (16 after the transformer's 2x2 packing)."""
     num_layers: int = 4
+    """Double (MMDiT) blocks of the transformer."""
     num_single_layers: int = 4
+    """Single blocks of the transformer."""
     num_heads: int = 4
+    """Attention heads."""
     head_dim: int = 32
+    """Width of one head (the transformer's width is num_heads x head_dim)."""
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    """Rotary embedding dims per axis (text position, row, column); they sum to head_dim."""
 
 
 def build_components(cfg: ShapesModelConfig) -> dict:
@@ -126,41 +164,8 @@ def images_tensor(scenes) -> torch.Tensor:
 
 
 def batch_scenes(seed: int, stage: int, step: int, n: int):
-    # Distinct, reproducible seeds per (stage, step): a resumed run draws the same batches.
-    return shapes.sample_scenes(n, seed=seed * 1_000_003 + stage * 100_003 + step)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, step: int, modules: dict, optimizer, extra: dict | None = None) -> None:
-    # clone: tied weights (T5 shares its embedding) would otherwise share storage, which safetensors refuses.
-    tensors = {
-        f"model/{name}/{k}": v.clone() for name, m in modules.items() for k, v in m.state_dict().items()
-    }
-    meta = {"step": step, **(extra or {})}
-    if optimizer is not None:
-        opt = optimizer.state_dict()
-        for pid, state in opt["state"].items():
-            for k, v in state.items():
-                tensors[f"optim/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        meta["param_groups"] = opt["param_groups"]
-    save_tensors(path, tensors, meta)
-
-
-def load_checkpoint(path: Path, modules: dict, optimizer) -> dict:
-    tensors, meta = load_tensors(path)
-    for name, m in modules.items():
-        prefix = f"model/{name}/"
-        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    if optimizer is not None:
-        state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("optim/"):
-                _, pid, name = k.split("/", 2)
-                state.setdefault(int(pid), {})[name] = v
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+    """The `n` scenes of a stage's batch at `step` (a pure function of its arguments)."""
+    return shapes.sample_scenes(n, seed=seed * SEED_STRIDE + stage * STAGE_STRIDE + step)
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
@@ -171,16 +176,15 @@ def train_vae(vae, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, de
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     start = 0
     if ckpt.exists():
-        start = load_checkpoint(ckpt, {"vae": vae}, opt)["step"]
+        start = load_checkpoint(ckpt, {"model/vae": vae}, opt)["step"]
         logger.info("VAE: resuming at step %d", start)
     if start >= cfg.vae_steps:
         return
     vae.train()
-    log = open(work / "vae_log.jsonl", "a")
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="VAE", smoothing=0.05)
     for step in bar:
-        x = images_tensor(batch_scenes(cfg.seed, 1, step, cfg.vae_batch)).to(device)
-        torch.manual_seed(cfg.seed * 7919 + step)
+        x = images_tensor(batch_scenes(cfg.seed, VAE_STAGE, step, cfg.vae_batch)).to(device)
+        torch.manual_seed(cfg.seed * VAE_NOISE_STRIDE + step)
         lr = cfg.vae_lr * min(1.0, 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)) + 0.05)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -192,13 +196,11 @@ def train_vae(vae, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, de
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0:
+        if step % LOG_EVERY == 0:
             bar.set_postfix(mse=f"{mse.item():.5f}")
-            log.write(json.dumps({"step": step, "mse": mse.item(), "lr": lr}) + "\n")
-            log.flush()
+            append_jsonl(work / "vae_log.jsonl", {"step": step, "mse": mse.item(), "lr": lr})
         if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            save_checkpoint(ckpt, step + 1, {"vae": vae}, opt)
-    log.close()
+            save_checkpoint(ckpt, {"model/vae": vae}, opt, step=step + 1)
 
 
 # ----------------------------------------------------------------------------- stage 2: latents
@@ -207,7 +209,7 @@ def train_vae(vae, cfg: ShapesModelConfig, work: Path, checkpoint_every: int, de
 def transformer_scenes(cfg: ShapesModelConfig) -> list:
     """The scenes the transformer stage trains on: one-object ones first, then two-object ones."""
     n_two = round(cfg.latent_scenes * cfg.two_object_rate)
-    seed = cfg.seed * 1_000_003 + 2 * 100_003
+    seed = cfg.seed * SEED_STRIDE + LATENT_STAGE * STAGE_STRIDE
     scenes = shapes.sample_scenes(cfg.latent_scenes - n_two, seed=seed, n_objects=1)
     return scenes + shapes.sample_scenes(n_two, seed=seed + 1, n_objects=2)
 
@@ -227,70 +229,6 @@ def encode_latents(vae, scenes: list, work: Path, device: str) -> tuple[torch.Te
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     save_tensors(path, {"latents": latents}, {"shift": shift, "scale": scale})
     return latents, shift, scale
-
-
-# ----------------------------------------------------------------------------- binding probes
-
-PROBED_ATTRIBUTES = (
-    ("color", tuple(shapes.COLORS)), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
-    ("position", shapes.POSITIONS),
-)  # fmt: skip
-"""What the probes predict per token: each attribute's classes, plus one more, "no object"."""
-NO_OBJECT = [len(names) for _, names in PROBED_ATTRIBUTES]
-"""The "no object" class of each attribute."""
-IGNORE = -100
-"""A token without a target (cross_entropy's ignore_index)."""
-
-
-def _object_classes(obj) -> list[int]:
-    return [names.index(getattr(obj, attribute)) for attribute, names in PROBED_ATTRIBUTES]
-
-
-def text_targets(scene, length: int) -> torch.Tensor:
-    """[length, 4] classes for the T5 tokens of `caption(scene)` (word-level tokenizer, no bos):
-    each word of an object's phrase gets that object's attributes; "and", the closing "on a ...
-    background", </s> and padding get "no object"."""
-    out = torch.tensor([NO_OBJECT] * length)
-    objects = iter(scene.objects)
-    obj = next(objects, None)
-    for i, word in enumerate(shapes.caption(scene).split()[:length]):
-        if word in ("and", "on"):  # the caption's only connectives: the next phrase starts after them
-            obj = next(objects, None)
-        elif obj is not None:
-            out[i] = torch.tensor(_object_classes(obj))
-    return out
-
-
-def image_targets(scene) -> torch.Tensor:
-    """[64, 4] classes for the image tokens (row-major 8x8): the attributes of the object that
-    covers most of the token if it covers at least COVER_FRACTION of it, else "no object"."""
-    out = torch.tensor([NO_OBJECT] * shapes.TOKEN_GRID**2)
-    if scene.objects:
-        masks = [shapes.object_mask(obj) for obj in scene.objects]
-        cover = np.stack([shapes.world.token_coverage(mask).reshape(-1) for mask in masks])
-        best = cover.argmax(0)
-        for i, obj in enumerate(scene.objects):
-            shown = torch.from_numpy((best == i) & (cover[i] >= shapes.world.COVER_FRACTION))
-            out[shown] = torch.tensor(_object_classes(obj))
-    return out
-
-
-class AttributeProbe(torch.nn.Module):
-    """A linear read-out, per token, of the attributes of the object the token stands for (training
-    only: it shapes what the text encoder and the transformer compute, and is not saved)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = torch.nn.Linear(dim, sum(n + 1 for n in NO_OBJECT))
-
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over attributes of the cross-entropy; `hidden` [b, t, d], `targets` [b, t, 4]."""
-        logits = self.linear(hidden.float()).split([n + 1 for n in NO_OBJECT], dim=-1)
-        losses = [
-            F.cross_entropy(z.flatten(0, 1), targets[..., i].flatten(), ignore_index=IGNORE)
-            for i, z in enumerate(logits)
-        ]
-        return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------- stage 3: transformer
@@ -355,7 +293,10 @@ def train_transformer(
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.dit_weight_decay, betas=(0.9, 0.99))
     ema = EMA(modules, cfg.ema_decay)
     ckpt = work / "transformer.safetensors"
-    checkpointed = {**modules, **probes, **{f"ema_{k}": v for k, v in ema.shadow.items()}}
+    checkpointed = {
+        f"model/{name}": m
+        for name, m in {**modules, **probes, **{f"ema_{k}": v for k, v in ema.shadow.items()}}.items()
+    }
     start = 0
     if ckpt.exists():
         start = load_checkpoint(ckpt, checkpointed, opt)["step"]
@@ -371,13 +312,12 @@ def train_transformer(
         m.train()
     n, c, h, w = latents.shape
     img_ids = FluxPipeline._prepare_latent_image_ids(cfg.dit_batch, h // 2, w // 2, device, torch.float32)
-    log = open(work / "transformer_log.jsonl", "a")
     bar = tqdm(
         range(start, cfg.dit_steps), initial=start, total=cfg.dit_steps, desc="transformer", smoothing=0.05
     )
     try:
         for step in bar:
-            g = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
+            g = torch.Generator().manual_seed(cfg.seed * DIT_BATCH_STRIDE + step)
             idx = torch.randint(0, n, (cfg.dit_batch,), generator=g)
             drop = torch.rand(cfg.dit_batch, generator=g) < cfg.empty_prompt_rate
             prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
@@ -415,16 +355,14 @@ def train_transformer(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             ema.update(modules, step)
-            if step % 50 == 0:
+            if step % LOG_EVERY == 0:
                 losses = {"loss": flow, "text_probe": text_probe, "image_probe": image_probe}
                 losses = {name: value.item() for name, value in losses.items()}
                 bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()})
-                log.write(json.dumps({"step": step, **losses, "lr": lr}) + "\n")
-                log.flush()
+                append_jsonl(work / "transformer_log.jsonl", {"step": step, **losses, "lr": lr})
             if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.dit_steps:
-                save_checkpoint(ckpt, step + 1, checkpointed, opt)
-    finally:
-        log.close()
+                save_checkpoint(ckpt, checkpointed, opt, step=step + 1)
+    finally:  # a hook left behind would corrupt every later forward pass of this transformer
         hook.remove()
     return ema.shadow
 
@@ -459,54 +397,26 @@ def vae_eval(vae, n: int, seed: int) -> dict:
     return shapes.attribute_accuracy(scenes, [shapes.read_attributes(Image.fromarray(a)) for a in arr])
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """["dit_lr=1e-3", "vae_channels=32,64,64"] -> typed ShapesModelConfig fields."""
-    fields = {f.name: f for f in dataclasses.fields(ShapesModelConfig)}
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        default = getattr(ShapesModelConfig, name)
-        try:
-            if isinstance(default, tuple):
-                out[name] = tuple(type(default[0])(v) for v in value.split(","))
-            elif isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[name] = value.lower() in ("true", "1")
-            else:
-                out[name] = type(default)(value)
-        except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a {type(default).__name__}") from None
-    return out
-
-
 def main(argv=None) -> None:
-    defaults = ShapesModelConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=shapes_model_dir(), help="where the FluxPipeline folder goes")
     p.add_argument("--work", type=Path, default=Path("runs/shapes_model"), help="checkpoints and logs")
-    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--eval-scenes", type=int, default=200)
+    p.add_argument("--eval-scenes", type=int, default=200, help="generations of the quick evaluations")
     p.add_argument("--device", default="cpu", help="cpu (the shipped model) or cuda (quick recipe checks)")
-    for name in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    add_config_arguments(p, ShapesModelConfig)
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE",
-        help="override any ShapesModelConfig field, e.g. --set dit_lr=1e-3 --set vae_channels=32,64,64",
+        help="override any ShapesModelConfig field by its name, e.g. --set dit_lr=1e-3 --set "
+        "vae_channels=32,64,64 (applied after the flags above)",
     )  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ShapesModelConfig(
-        **{
-            k: getattr(args, k)
-            for k in ("seed", "vae_steps", "dit_steps", "latent_scenes", "dit_batch", "vae_batch")
-        },
-        **parse_overrides(args.set),
+    cfg = dataclasses.replace(
+        config_from_args(ShapesModelConfig, args), **parse_assignments(ShapesModelConfig, args.set)
     )
     if not 0 <= cfg.image_probe_block < cfg.num_layers:
         raise SystemExit(
@@ -514,13 +424,7 @@ def main(argv=None) -> None:
             f"0..{cfg.num_layers - 1} (num_layers={cfg.num_layers})"
         )
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    saved_cfg = work / "config.json"
-    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        raise SystemExit(
-            f"{work} holds a run with another config ({saved_cfg}); pass another --work or delete it."
-        )
-    write_json(saved_cfg, asdict(cfg))
+    claim(work, "config.json", cfg, what="a run")
 
     from diffusers import FluxPipeline
 
@@ -546,8 +450,8 @@ def main(argv=None) -> None:
 
     report = {"train_minutes_this_run": round(minutes, 1)}
     if args.eval_scenes:
-        report["vae_eval"] = vae_eval(pipe.vae, args.eval_scenes, seed=987_654)
-        report["quick_eval"] = quick_eval(pipe, args.eval_scenes, seed=987_654)
+        report["vae_eval"] = vae_eval(pipe.vae, args.eval_scenes, seed=EVAL_SEED)
+        report["quick_eval"] = quick_eval(pipe, args.eval_scenes, seed=EVAL_SEED)
     pipe.to("cpu")
     with atomic_path(args.out, is_dir=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

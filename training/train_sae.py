@@ -13,7 +13,6 @@ function of seed, epoch and position). Metrics are appended to `--work/metrics.j
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -29,9 +28,11 @@ from tqdm import tqdm
 
 from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
-from fluxsae.fileio import load_tensors, save_tensors, write_json
-from fluxsae.sae import SAEConfig, TopKSAE, make_optimizer, train_step
-from training.cli import add_config_arguments, config_from_args
+from fluxsae.fileio import write_json
+from fluxsae.sae import SAEConfig, TopKSAE
+from fluxsae.sae_training import make_optimizer, train_step
+from training.cli import dictionary_command
+from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("training.train_sae")
 
@@ -52,20 +53,27 @@ class TrainConfig:
     """Training tokens in total (all processes together); epochs repeat the data as needed."""
     batch_size: int = 4096
     """Tokens per step and per process: the global batch is batch_size x world size."""
-    lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(n_features / 2**14) as sparsify does."""
+    lr: float | None = None
+    """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does."""
     normalization: Literal["none", "standardize", "pca"] = "standardize"
-    """Input normalisation learnt from the first `norm_sample` training tokens, folded in on export."""
+    """Input normalisation learnt from `norm_sample` random training tokens, folded in on export."""
     norm_sample: int = 65_536
+    """Training tokens drawn at random (seeded by `seed`) to fit the normalisation, initialise the
+    decoder bias and measure the mean token norm; only these rows are read from disk."""
     aux_k: int = 256
-    """AuxK: dead features used to model the residual (0: off)."""
+    """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
     dead_after_tokens: int = 2_000_000
     """A feature that has not fired for this many tokens counts as dead."""
     held_out: float = 0.1
     """Share of shards kept for evaluation."""
     seed: int = 0
+    """Seeds the initialisation, the normalisation sample and the data order."""
     log_every: int = 20
+    """Steps between rows of metrics.jsonl."""
     checkpoint_every: int = 200
+    """Steps between checkpoints (written atomically; a rerun resumes from the last one)."""
+    shards_in_memory: int = 8
+    """Shards read and shuffled together: memory holds this many shards in their storage dtype."""
 
 
 def _distributed() -> tuple[int, int]:
@@ -76,10 +84,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int]) -> TopKSAE:
-    """A fresh SAE with its normalisation fitted on the first `norm_sample` training tokens."""
-    sample, _ = store.load(cfg.site, train_shards[: max(1, len(train_shards))])
-    g = torch.Generator().manual_seed(cfg.seed)
-    sample = sample[torch.randperm(len(sample), generator=g)[: cfg.norm_sample]]
+    """A fresh SAE with its normalisation fitted on `norm_sample` random training tokens (read alone
+    from the shards: memory holds the sample, not the harvest)."""
+    sample = store.sample_rows(cfg.site, train_shards, cfg.norm_sample, seed=cfg.seed)
     harvest = store.config
     gen = harvest["generation"]
     sae_cfg = SAEConfig(
@@ -104,27 +111,6 @@ def _sync_dead_tracking(sae: TopKSAE, before: torch.Tensor, global_tokens: int, 
     fired = (sae.tokens_since_fired < before + global_tokens // world).to(torch.int32)
     dist.all_reduce(fired, op=dist.ReduceOp.MAX)
     sae.tokens_since_fired.copy_(torch.where(fired.bool(), torch.zeros_like(before), before + global_tokens))
-
-
-def save_checkpoint(path: Path, sae: TopKSAE, opt, step: int, tokens: int) -> None:
-    tensors = {f"sae/{k}": v for k, v in sae.state_dict().items()}
-    state = opt.state_dict()
-    for pid, s in state["state"].items():
-        for k, v in s.items():
-            tensors[f"optim/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    save_tensors(path, tensors, {"step": step, "tokens": tokens, "param_groups": state["param_groups"]})
-
-
-def load_checkpoint(path: Path, sae: TopKSAE, opt) -> tuple[int, int]:
-    tensors, meta = load_tensors(path)
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae/")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["step"], meta["tokens"]
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
@@ -165,22 +151,16 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     train_shards, eval_shards = split_shards(len(store.shards), cfg.held_out)
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to train on; harvest first.")
-    work.mkdir(parents=True, exist_ok=True)
-    saved = work / "train_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        raise SystemExit(
-            f"{work} holds a run with other settings ({saved}); pass another --work or delete it."
-        )
-    if rank == 0:
-        write_json(saved, asdict(cfg))
+    claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
-    lr = cfg.lr or 2e-4 / (cfg.n_features / 2**14) ** 0.5
+    lr = cfg.lr if cfg.lr is not None else 2e-4 / (cfg.n_features / 2**14) ** 0.5
     opt = make_optimizer(sae, lr)
     ckpt = work / "checkpoint.safetensors"
     step, tokens = 0, 0
     if ckpt.exists():
-        step, tokens = load_checkpoint(ckpt, sae, opt)
+        meta = load_checkpoint(ckpt, {"sae": sae}, opt)
+        step, tokens = meta["step"], meta["tokens"]
         logger.info("resuming at step %d (%d tokens)", step, tokens)
     model = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False) if world > 1 else sae
     global_batch = cfg.batch_size * world
@@ -188,13 +168,15 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     if per_epoch == 0:
         raise SystemExit(f"Fewer training tokens than one global batch ({global_batch}); harvest more.")
     total_steps = cfg.tokens // global_batch
-    metrics = open(work / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = work / "metrics.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc=f"SAE {cfg.site}", disable=rank != 0, unit="step")
     t0 = time.time()
     while step < total_steps:
         epoch, skip = divmod(step, per_epoch)
-        batches = store.batches(cfg.site, cfg.batch_size, shards=train_shards, seed=cfg.seed, epoch=epoch,
-                                rank=rank, world_size=world)  # fmt: skip
+        batches = store.batches(
+            cfg.site, cfg.batch_size, shards=train_shards, seed=cfg.seed, epoch=epoch, rank=rank,
+            world_size=world, shards_in_memory=cfg.shards_in_memory,
+        )  # fmt: skip
         for i, x in enumerate(batches):
             if i < skip:
                 continue
@@ -207,28 +189,28 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 stats = {**stats, "dead_fraction": sae.dead_fraction()}
                 row = {"step": step, "tokens": tokens, "seconds": round(time.time() - t0, 2), **stats}
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                append_jsonl(metrics, row)
                 bar.set_postfix(fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                save_checkpoint(ckpt, sae, opt, step, tokens)
+                save_checkpoint(ckpt, {"sae": sae}, opt, step=step, tokens=tokens)
             if step >= total_steps:
                 break
+        batches.close()  # let go of its window of shards now, not when the evaluation is done
     bar.close()
+    # The optimiser state is twice the SAE's size and its gradients once more; neither is needed
+    # after the last checkpoint, and the evaluation below needs room for the folded copy.
+    del opt
+    sae.zero_grad(set_to_none=True)
     if world > 1:
         dist.barrier()
     result = {"steps": step, "tokens": tokens, "seconds_this_run": round(time.time() - t0, 1)}
     if rank == 0:
         sae.eval()
         final = sae.fold_normalization()
-        if eval_shards:
-            x, _ = store.load(cfg.site, eval_shards)
-            result["held_out"] = reconstruction_metrics(final, x)
-            metrics.write(
-                json.dumps({"step": step, "tokens": tokens, "eval_fvu": result["held_out"]["fvu"]}) + "\n"
-            )
-        metrics.close()
-        plot_curves(work / "metrics.jsonl", work / "curves.png")
+        if eval_shards:  # streamed: memory holds one batch of the held-out shards at a time
+            result["held_out"] = reconstruction_metrics(final, store.iter_rows(cfg.site, eval_shards))
+            append_jsonl(metrics, {"step": step, "tokens": tokens, "eval_fvu": result["held_out"]["fvu"]})
+        plot_curves(metrics, work / "curves.png")
         final.cfg = dataclasses.replace(
             final.cfg, extra={**final.cfg.extra, "training": asdict(cfg), **result}
         )
@@ -242,17 +224,13 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--out", type=Path, default=None, help="dictionary folder: the SAE goes to OUT/<site>/")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    add_config_arguments(p, TrainConfig)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = config_from_args(TrainConfig, args)
+    cfg, args = dictionary_command(
+        TrainConfig,
+        argv,
+        __doc__,
+        work_help="checkpoints, metrics.jsonl, curves.png",
+        out_help="dictionary folder: the SAE goes to OUT/<site>/",
+    )
     result = train(cfg, args.work, args.out, args.device)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))

@@ -1,0 +1,53 @@
+"""The TopK SAE training step, shared by `training/train_sae.py` and the benchmarks.
+
+loss = FVU (normalised space) + aux_coef x AuxK loss; after each step the decoder rows are put back on
+the unit sphere, and the part of their gradient that would only change their norm is removed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from fluxsae.sae import TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(sae: TopKSAE, lr: float = 2e-4) -> torch.optim.Adam:
+    """Adam with the reference work's settings: beta1 = 0, beta2 = 0.99, eps = 1e-10.
+
+    beta1 = 0 (no momentum) suits TopK: a feature's gradient is zero on the steps it is not
+    selected, and momentum would keep moving it anyway (benchmarks/README.md, "Design choices", has
+    the comparison with default Adam). `fused=True` runs the update as one kernel over all
+    parameters (CPU and CUDA).
+    """
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-10, fused=True)
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, x: Tensor, *, clip_grad: float | None = None):
+    """One optimisation step on raw activations x [N, d_in]; loss = fvu + aux_coef * aux_loss.
+
+    `model` is a TopKSAE or a DistributedDataParallel wrapping one. Returns floats
+    {"fvu", "aux_loss", "l0" (mean non-zeros per token), "dead_fraction"}.
+    """
+    sae: TopKSAE = getattr(model, "module", model)
+    out = model(x)
+    loss = out.fvu + sae.cfg.aux_coef * out.aux_loss if sae.cfg.aux_k else out.fvu
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad)
+    optimizer.step()
+    sae.set_decoder_norm_to_unit_norm()
+    with torch.no_grad():
+        l0 = (out.values > 0).sum(-1).to(out.fvu.dtype).mean()
+        dead = sae.dead_mask().to(out.fvu.dtype).mean()
+        fvu, aux, l0, dead = torch.stack([out.fvu, out.aux_loss, l0, dead]).tolist()
+    if not math.isfinite(fvu):
+        log.warning("train_step: FVU is %s", fvu)
+    return {"fvu": fvu, "aux_loss": aux, "l0": l0, "dead_fraction": dead}
