@@ -103,3 +103,112 @@ def overlay(
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
     heat = colorize(grid_values, image.size, cmap=cmap, vmin=vmin, vmax=vmax)
     return Image.blend(image.convert("RGB"), heat, alpha)
+
+
+def step_map(token_values: torch.Tensor, grid: tuple[int, int], steps=None) -> torch.Tensor:
+    """One feature's token activations -> its map on the image grid, per step or averaged over steps.
+
+    token_values: [tokens] (one step) or [steps, tokens] (e.g. `fluxsae.features.feature_activations`).
+    steps: None averages every step, an int picks one, a sequence averages those. -> [rows, cols].
+    """
+    v = torch.as_tensor(token_values).detach().float()
+    if v.ndim == 2:
+        n = v.shape[0]
+        chosen = list(range(n)) if steps is None else [steps] if isinstance(steps, int) else list(steps)
+        if not chosen or any(not -n <= int(s) < n for s in chosen):
+            raise ValueError(f"steps {steps!r} do not index the {n} steps of the activations (0-{n - 1}).")
+        v = v[[int(s) for s in chosen]].mean(0)
+    elif v.ndim != 1 or steps is not None:
+        raise ValueError(
+            f"step_map takes [tokens] or [steps, tokens] activations (steps only with the latter), got "
+            f"shape {tuple(v.shape)} with steps={steps!r}."
+        )
+    return token_map(v, grid)
+
+
+def pixel_token(pixel: tuple[float, float], image_size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """The image token (row-major index) that covers pixel (x, y) of an image of `image_size`
+    (width, height) split into a `grid` of (rows, cols) tokens."""
+    x, y = pixel
+    width, height = image_size
+    rows, cols = grid
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(f"Pixel (x={x}, y={y}) lies outside the {width}x{height} image.")
+    return int(y * rows // height) * cols + int(x * cols // width)
+
+
+COLORBAR_MIN_HEIGHT = 256
+"""feature_overlay scales smaller images up (by a whole factor, NEAREST) to at least this height, so the
+colour bar's labels are legible next to a 64 px Shapes image."""
+
+
+def color_bar(
+    height: int, vmin: float, vmax: float, cmap: str = "inferno", width: int | None = None, pad: int = 6
+) -> Image.Image:
+    """A vertical colour bar [height px] from `vmin` (bottom) to `vmax` (top), labelled at both ends and
+    the middle. The gradient fills rows pad .. height - pad - 1; the labels sit to its right."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("Heatmaps need matplotlib: `pip install 'fluxsae[app]'`.") from e
+    from PIL import ImageDraw, ImageFont
+
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        raise ValueError(f"The colour bar needs finite vmin and vmax, got {vmin} and {vmax}.")
+    bar_width = width or max(8, height // 16)
+    rows = height - 2 * pad
+    if rows < 2:
+        raise ValueError(f"A colour bar needs a height above {2 * pad + 1} px, got {height}.")
+    font = ImageFont.load_default()
+    labels = [(f"{v:.3g}", pad + i * (rows - 1) // 2) for i, v in enumerate((vmax, (vmin + vmax) / 2, vmin))]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(probe.textbbox((0, 0), text, font=font)[2] for text, _ in labels)
+    bar = Image.new("RGB", (bar_width + 6 + text_width + 2, height), "white")
+    gradient = np.linspace(1.0, 0.0, rows)[:, None].repeat(bar_width, 1)  # top = vmax
+    rgba = matplotlib.colormaps[cmap](gradient, bytes=True)
+    bar.paste(Image.fromarray(np.ascontiguousarray(rgba[..., :3])), (0, pad))
+    draw = ImageDraw.Draw(bar)
+    for text, y in labels:
+        draw.line([(bar_width, y), (bar_width + 3, y)], fill="black")
+        box = draw.textbbox((0, 0), text, font=font)
+        draw.text((bar_width + 6, y - (box[1] + box[3]) // 2), text, fill="black", font=font)
+    return bar
+
+
+def feature_overlay(
+    image: Image.Image,
+    grid_values: torch.Tensor,
+    *,
+    vmin: float = 0.0,
+    vmax: float | None = None,
+    cmap: str = "inferno",
+    alpha: float = 0.55,
+    colorbar: bool = True,
+    display_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """A feature's map [rows, cols] over `image`, with a colour bar on its right.
+
+    The colour scale runs from `vmin` to `vmax` and clips outside it. Pass a fixed `vmax` (e.g. the
+    feature's max activation from `fluxsae.feature_stats.FeatureStats`) and the same colour means the same
+    activation on every image and step; by default it is this map's max. `display_size` (w, h): the
+    size of the image part; default the image's, scaled up by a whole factor to at least
+    COLORBAR_MIN_HEIGHT px tall (NEAREST, so tokens stay crisp squares). Returns an RGB image of
+    display_size plus the bar's width.
+    """
+    v = torch.as_tensor(grid_values).detach().float()
+    if vmax is None:
+        vmax = max(float(v.max()), vmin) if v.numel() and torch.isfinite(v).all() else vmin
+    if not vmax >= vmin:
+        raise ValueError(f"vmax ({vmax}) must be >= vmin ({vmin}).")
+    if display_size is None:
+        factor = max(1, -(-COLORBAR_MIN_HEIGHT // image.height))
+        display_size = (image.width * factor, image.height * factor)
+    base = image.convert("RGB").resize(display_size, Image.Resampling.NEAREST)
+    painted = overlay(base, v, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+    if not colorbar:
+        return painted
+    bar = color_bar(painted.height, vmin, vmax, cmap)
+    canvas = Image.new("RGB", (painted.width + 4 + bar.width, painted.height), "white")
+    canvas.paste(painted, (0, 0))
+    canvas.paste(bar, (painted.width + 4, 0))
+    return canvas

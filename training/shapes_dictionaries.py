@@ -23,6 +23,7 @@ from pathlib import Path
 from fluxsae import load_pipeline, shapes
 from fluxsae.fileio import atomic_path, write_json
 from fluxsae.hub import shapes_dictionaries_dir
+from training import feature_stats
 
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 """The last double block (the reference work's main site is FLUX.1's last double block) and the
@@ -121,23 +122,33 @@ def model_card(report: dict, method: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("runs/shapes_dictionaries"))
-    p.add_argument("--out", type=Path, default=shapes_dictionaries_dir())
-    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/shapes_dictionaries"),
+        help="harvest, training work folders, staging and report.json (reruns resume here)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=shapes_dictionaries_dir(),
+        help="where sae/ and itda/ go (default: the packaged dictionaries)",
+    )
+    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES), help="comma-separated sites")
     p.add_argument(
         "--prompts", type=int, default=3000, help="harvested generations (512 tokens per site each)"
     )
-    p.add_argument("--n-features", type=int, default=2048)
+    p.add_argument("--n-features", type=int, default=2048, help="SAE width, and the ITDA's atom cap")
     p.add_argument(
         "--k", type=int, default=24,
         help="L0 of both methods (k 16 left the double block's spliced-in velocity at 0.87 recovered)",
     )  # fmt: skip
-    p.add_argument("--tokens", type=int, default=24_000_000)
+    p.add_argument("--tokens", type=int, default=24_000_000, help="SAE training tokens")
     p.add_argument(
         "--itda-threshold", type=float, default=0.1,
         help="low enough that the ITDA fills up to --n-features atoms (the cap) within the first batches",
     )  # fmt: skip
-    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-prompts", type=int, default=16, help="unseen prompts of the spliced-in evaluation")
     args = p.parse_args(argv)
 
     staging = args.work / "package"
@@ -152,10 +163,14 @@ def main(argv=None) -> None:
             "settings": {k: str(v) for k, v in vars(args).items()},
         })  # fmt: skip
         (staging / method / "README.md").write_text(model_card(report, method))
+        # the statistics heatmaps and rankings read (<site>/feature_stats.safetensors) belong to these weights
+        sites = ",".join(args.sites)
+        feature_stats.main(["--source", str(staging / method), "--kinds", method, "--sites", sites])
     with atomic_path(args.out, is_dir=True) as tmp:
         shutil.copytree(staging, tmp, dirs_exist_ok=True)
     write_json(args.work / "report.json", report)
     print(json.dumps(report, indent=2))
+    print("The packaged labels now describe old dictionaries: run `python -m training.shapes_labels`.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""Does a concept's best feature light up where the concept is? Heatmap IoU against the Shapes truth.
+
+For each object concept (the 6 colours and 3 shapes) and each dictionary (the packaged SAE and ITDA at
+both sites), on 200 scenes no training run saw (seed 31337; image i uses noise seed 31337 + i):
+1. activations of every step are captured, encoded, and the codes averaged over the 8 steps (what
+   `fluxsae.features.feature_heatmap` paints by default);
+2. the concept's best feature is the one with the highest token AUROC on the first 100 scenes
+   (`fluxsae.shapes.truth.concept_auroc`);
+3. on the other 100, for every scene showing the concept, the feature's 8x8 map is thresholded at
+   0.5 x its max (`truth.heatmap_iou`; also Otsu's threshold) and compared with the concept's token
+   mask: the median IoU over those scenes is the figure. Target (issue 12): >= 0.5 for the SAE.
+Baseline: the concept's difference-of-means direction u (mean raw activation on its tokens minus
+elsewhere, on the first 100 scenes, steps averaged), the map being the projection (x - m) . u / |u|
+with m the midpoint of the two class means, so positive means "on the concept's side".
+
+    python benchmarks/localization.py                 # writes results/localization.json
+    python benchmarks/localization.py --cache /tmp/loc_acts.safetensors   # reuse the generations
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fluxsae
+from fluxsae import shapes
+from fluxsae.feature_stats import sparse_codes
+from fluxsae.fileio import load_tensors, save_tensors
+from fluxsae.shapes import truth
+
+RESULTS = Path(__file__).parent / "results"
+SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
+CONCEPTS = [f"color:{c}" for c in shapes.COLORS] + [f"shape:{s}" for s in shapes.SHAPES]
+THRESHOLDS = {"half_max": 0.5, "otsu": "otsu"}
+
+
+def generate(n: int, seed: int, batch: int, cache: Path | None) -> dict[str, torch.Tensor]:
+    """Step-by-step activations of both sites: site -> [steps, n, 64, d] (float32)."""
+    if cache is not None and cache.is_file():
+        tensors, meta = load_tensors(cache)
+        if meta.get("n") == n and meta.get("seed") == seed:
+            return tensors
+    pipe = fluxsae.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    scenes = shapes.sample_scenes(n, seed=seed)
+    parts: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
+    for i in range(0, n, batch):
+        chunk = scenes[i : i + batch]
+        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        with torch.no_grad(), fluxsae.capture(pipe, list(SITES)) as acts:
+            pipe([shapes.caption(s) for s in chunk], generator=generators, output_type="latent",
+                 **shapes.GENERATION_DEFAULTS)
+        for s in SITES:
+            parts[s].append(acts[s].float())
+        print(f"generated {i + len(chunk)}/{n}", flush=True)
+    out = {s: torch.cat(v, dim=1) for s, v in parts.items()}
+    if cache is not None:
+        save_tensors(cache, out, {"n": n, "seed": seed})
+    return out
+
+
+def step_averaged_codes(dictionary, acts: torch.Tensor) -> torch.Tensor:
+    """acts [steps, n, 64, d] -> codes averaged over steps [n, 64, F], without a dense [steps, ...] array."""
+    n_steps = acts.shape[0]
+    codes = torch.zeros(*acts.shape[1:3], dictionary.cfg.n_features)
+    for step in range(n_steps):
+        values, indices = sparse_codes(dictionary, acts[step])
+        codes.scatter_add_(-1, indices, values / n_steps)
+    return codes
+
+
+def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept: str) -> dict:
+    """IoU of unit_maps [n, 64] with the concept's masks on the eval scenes that show the concept."""
+    shown = [i for i in eval_idx if masks[concept][i].any()]
+    maps = unit_maps[shown]
+    truth_masks = torch.from_numpy(masks[concept][shown])
+    out = {"n_eval_scenes": len(shown)}
+    if not shown:
+        return {**out, **{f"{s}_iou_{n}": float("nan") for s in ("median", "mean") for n in THRESHOLDS}}
+    for name, threshold in THRESHOLDS.items():
+        iou = truth.heatmap_iou(maps, truth_masks, threshold=threshold)
+        out[f"median_iou_{name}"] = float(iou.median())
+        out[f"mean_iou_{name}"] = float(iou.mean())
+    # A silent map (nothing > 0) scores IoU 0: how often that happens says whether a low IoU means
+    # "fires in the wrong place" or "does not fire on this scene at all".
+    out["silent_share"] = float((maps.flatten(1).max(1).values <= 0).float().mean())
+    return out
+
+
+def best_unit_by_iou(codes: torch.Tensor, masks: dict, select_idx: list[int], concept: str) -> int:
+    """The unit whose half-max map has the highest median IoU with the concept's mask over the
+    selection scenes showing it: codes [n, 64, U] -> a unit index (the rule of `truth.heatmap_iou`,
+    vectorised over units)."""
+    shown = [i for i in select_idx if masks[concept][i].any()]
+    maps = codes[shown]  # [m, 64, U]
+    mask = torch.from_numpy(masks[concept][shown])[:, :, None]  # [m, 64, 1]
+    peak = maps.max(1, keepdim=True).values
+    on = (maps >= 0.5 * peak) & (peak > 0)
+    iou = (on & mask).sum(1).float() / (on | mask).sum(1).float()  # [m, U]; the mask is never empty
+    return int(iou.median(0).values.argmax())
+
+
+def _median(values) -> float:
+    """Median of the defined values (NaN where a concept had no scene to score)."""
+    kept = [v for v in values if v == v]
+    return statistics.median(kept) if kept else float("nan")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=31337)
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the activations")
+    p.add_argument("--out", type=Path, default=RESULTS / "localization.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    start = time.perf_counter()
+    acts = generate(args.scenes, args.seed, args.batch_size, args.cache)
+    seconds_generate = time.perf_counter() - start
+    scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
+    masks = truth.scene_masks(scenes)
+    half = args.scenes // 2
+    select, evaluate = list(range(half)), list(range(half, args.scenes))
+    select_masks = {c: m[select] for c, m in masks.items()}
+    eval_masks = {c: m[evaluate] for c, m in masks.items()}
+
+    results: dict = {}
+    for site in SITES:
+        mean_acts = acts[site].mean(0)  # [n, 64, d]
+        for method, load in (("sae", fluxsae.load_sae), ("itda", fluxsae.load_itda)):
+            dictionary = load("shapes", site=site)
+            codes = step_averaged_codes(dictionary, acts[site])
+            aurocs, names = truth.concept_auroc(codes[:half], select_masks, CONCEPTS)
+            eval_aurocs, _ = truth.concept_auroc(codes[half:], eval_masks, CONCEPTS)
+            best = truth.best_units(aurocs, names)
+            rows = {}
+            for concept in CONCEPTS:
+                if concept not in best:  # absent from the selection scenes (only with few scenes)
+                    continue
+                unit, auroc = best[concept]
+                c = names.index(concept)
+                by_iou = best_unit_by_iou(codes, masks, select, concept)
+                rows[concept] = {"feature": unit, "auroc_select": auroc,
+                                 "auroc_eval": float(eval_aurocs[unit, c]),
+                                 **localize(codes[:, :, unit], masks, evaluate, concept),
+                                 "chosen_by_iou": {
+                                     "feature": by_iou, "auroc_eval": float(eval_aurocs[by_iou, c]),
+                                     **localize(codes[:, :, by_iou], masks, evaluate, concept)}}
+            results[f"{method}:{site}"] = rows
+            print(method, site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()}, flush=True)
+
+        rows = {}
+        for concept in CONCEPTS:
+            if not masks[concept][select].any():
+                continue
+            direction = truth.difference_of_means(mean_acts[:half], select_masks, concept).double()
+            flat = mean_acts[:half].reshape(-1, mean_acts.shape[-1]).double()
+            on = torch.from_numpy(masks[concept][select].reshape(-1))
+            midpoint = (flat[on].mean(0) + flat[~on].mean(0)) / 2
+            projection = ((mean_acts.double() - midpoint) @ (direction / direction.norm())).float()  # [n, 64]
+            auroc_select, _ = truth.concept_auroc(projection[:half, :, None], select_masks, [concept])
+            auroc_eval, _ = truth.concept_auroc(projection[half:, :, None], eval_masks, [concept])
+            rows[concept] = {"auroc_select": float(auroc_select[0, 0]), "auroc_eval": float(auroc_eval[0, 0]),
+                             **localize(projection, masks, evaluate, concept)}
+        results[f"diff_of_means:{site}"] = rows
+        print("diff_of_means", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
+
+    summary = {
+        key: {
+            "median_over_concepts_of_median_iou_half_max": _median(
+                r["median_iou_half_max"] for r in rows.values()),
+            "median_over_concepts_of_median_iou_otsu": _median(r["median_iou_otsu"] for r in rows.values()),
+            "median_auroc_eval": _median(r["auroc_eval"] for r in rows.values()),
+            "median_silent_share": _median(r.get("silent_share", float("nan")) for r in rows.values()),
+            "chosen_by_iou_median_over_concepts_of_median_iou_half_max": _median(
+                r["chosen_by_iou"]["median_iou_half_max"] for r in rows.values() if "chosen_by_iou" in r),
+        }
+        for key, rows in results.items()
+    }  # fmt: skip
+    report = {
+        "command": "python benchmarks/localization.py",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "scenes": args.scenes, "seed": args.seed, "select_scenes": "first half", "eval_scenes": "second half",
+        "concepts": CONCEPTS, "steps": "codes averaged over all 8 steps",
+        "seconds": {"generate": round(seconds_generate, 1), "total": round(time.perf_counter() - start, 1)},
+        "summary": summary, "per_concept": results,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""What a dictionary's features do on one image: the top features, the features at a pixel, one
+feature's activations per step and its heatmap.
+
+All of it starts from captured activations (`fluxsae.capture(pipe, [site]) as acts`; `acts[site]` is
+[steps, batch, tokens, d]) and works for any dictionary through the shared interface (`encode_sparse`,
+`cfg`, `site`); the statistics that fix colour scales and filter always-on features are
+`fluxsae.feature_stats.FeatureStats`.
+
+- `top_features`: the features of one image ranked by activation mass, always-on features left out by
+  their measured firing density.
+- `features_at`: the features ranked at one token, picked by index, grid cell or pixel.
+- `feature_activations` / `timestep_profile`: one feature's activations on an image, per step.
+- `feature_heatmap`: one feature painted on the image, on a colour scale fixed by its max activation.
+
+Steps below index the first axis of the captured tensor, which are the denoising steps when all steps
+were captured (the default of `capture`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+
+from fluxsae.feature_stats import (
+    FeatureStats,
+    as_index,
+    batch_index,
+    check_acts,
+    check_feature,
+    check_image_site,
+    n_features_of,
+    sparse_codes,
+    step_index,
+)
+from fluxsae.heatmap import feature_overlay, pixel_token
+
+DEFAULT_MAX_DENSITY = 0.5
+"""Features firing on more than this share of all tokens are "always on" and left out of rankings:
+they carry the same mass on every image (a bias, the noise level) and drown out what this image shows.
+Half the tokens is far above any concept of the Shapes world: an object covers ~16% of the tokens on
+average, one background colour ~28%, so no feature that follows a concept is dropped."""
+
+
+class TopFeature(NamedTuple):
+    """One feature of an image, as ranked by `top_features`."""
+
+    feature: int
+    """The feature's index in the dictionary."""
+    mass: float
+    """Its activation summed over the image's tokens (averaged over the chosen steps)."""
+    share: float
+    """mass / the mass of all features on this image (always-on ones included)."""
+
+
+class FeatureAt(NamedTuple):
+    """One feature at one token, as ranked by `features_at`."""
+
+    feature: int
+    """The feature's index in the dictionary."""
+    activation: float
+    """Its activation at the token (averaged over the chosen steps)."""
+    share: float
+    """activation / the sum of all features' activations at that token."""
+
+
+def _mass(dictionary, x: torch.Tensor) -> torch.Tensor:
+    """Activations x [steps, tokens, d] -> [F]: each feature's activation summed over tokens, mean over
+    steps."""
+    values, indices = sparse_codes(dictionary, x)
+    total = torch.zeros(n_features_of(dictionary), dtype=torch.float64)
+    total.index_add_(0, indices.reshape(-1), values.reshape(-1).double())
+    return total / x.shape[0]
+
+
+def _ranked(mass: torch.Tensor, n: int, stats: FeatureStats | None, max_density: float | None, dictionary):
+    """(feature, value, share) of the n largest entries of mass [F] left after the density filter."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (how many features to return), got {n}.")
+    total = float(mass.sum())
+    keep = mass > 0
+    if stats is not None:
+        stats.check_matches(dictionary)
+        limit = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
+        keep &= stats.density <= limit
+    elif max_density is not None:
+        raise ValueError("max_density filters by measured firing density: pass stats=... as well.")
+    candidates = keep.nonzero().flatten()
+    order = candidates[mass[candidates].argsort(descending=True)][:n]
+    return [(int(f), float(mass[f]), float(mass[f]) / total if total > 0 else 0.0) for f in order]
+
+
+def top_features(
+    dictionary,
+    acts: torch.Tensor,
+    stats: FeatureStats | None = None,
+    n: int = 10,
+    *,
+    batch: int = 0,
+    steps: int | Sequence[int] | None = None,
+    max_density: float | None = None,
+) -> list[TopFeature]:
+    """The features of one image ranked by activation mass (activation summed over its tokens).
+
+    Args:
+        dictionary: any dictionary (SAE, ITDA) of the captured site.
+        acts: captured activations [steps, batch, tokens, d].
+        stats: the dictionary's FeatureStats; with them, features firing on more than `max_density`
+            (default DEFAULT_MAX_DENSITY) of all tokens are left out as always-on. Without them nothing
+            is filtered.
+        n: how many features to return.
+        batch: which image of the batch.
+        steps: positions along the steps axis to average over (None: all).
+    Returns:
+        Up to n TopFeature(feature, mass, share), largest mass first; features with no activation on
+        the image are never listed.
+    """
+    acts = check_acts(dictionary, acts)
+    x = acts[step_index(acts, steps), batch_index(acts, batch)]  # [steps, tokens, d]
+    ranked = _ranked(_mass(dictionary, x), n, stats, max_density, dictionary)
+    return [TopFeature(*r) for r in ranked]
+
+
+def _grid_of(n_tokens: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, cols) of an image-token grid of n_tokens for an image of image_size (width, height)."""
+    if image_size is None:
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens:
+            raise ValueError(
+                f"{n_tokens} image tokens do not form a square grid: pass image_size=(width, height)."
+            )
+        return side, side
+    width, height = image_size
+    rows = math.isqrt(round(n_tokens * height / width))
+    if rows == 0 or n_tokens % rows or (n_tokens // rows) * height != rows * width:
+        raise ValueError(
+            f"{n_tokens} image tokens do not tile a {width}x{height} image with square tokens; check "
+            "image_size=(width, height) and that acts come from that generation's image stream."
+        )
+    return rows, n_tokens // rows
+
+
+def token_of(
+    n_tokens: int,
+    *,
+    token: int | None = None,
+    cell: tuple[int, int] | None = None,
+    pixel: tuple[float, float] | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> int:
+    """The image token index (row-major) named by exactly one of `token`, `cell` = (row, col) of the
+    token grid, or `pixel` = (x, y) of an image of `image_size` = (width, height)."""
+    given = [name for name, v in (("token", token), ("cell", cell), ("pixel", pixel)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(
+            f"Name exactly one place: token=, cell=(row, col) or pixel=(x, y); got {given or 'none'}."
+        )
+    if pixel is not None:
+        if image_size is None:
+            raise ValueError("pixel=(x, y) needs image_size=(width, height) of the image it is on.")
+        return pixel_token(pixel, image_size, _grid_of(n_tokens, image_size))
+    if cell is not None:
+        rows, cols = _grid_of(n_tokens, image_size)
+        row, col = cell
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise ValueError(
+                f"cell {cell} is outside the {rows}x{cols} token grid (rows 0-{rows - 1}, cols 0-{cols - 1})."
+            )
+        return int(row) * cols + int(col)
+    index = as_index(token)
+    if index is None or not 0 <= index < n_tokens:
+        raise ValueError(f"token {token!r} is not a token of the image: pick an integer in 0-{n_tokens - 1}.")
+    return index
+
+
+def features_at(
+    dictionary,
+    acts: torch.Tensor,
+    *,
+    token: int | None = None,
+    cell: tuple[int, int] | None = None,
+    pixel: tuple[float, float] | None = None,
+    image_size: tuple[int, int] | None = None,
+    stats: FeatureStats | None = None,
+    n: int = 10,
+    batch: int = 0,
+    steps: int | Sequence[int] | None = None,
+    max_density: float | None = None,
+) -> list[FeatureAt]:
+    """The features at one image token, ranked by activation there (averaged over `steps`).
+
+    The token is named by exactly one of `token` (row-major index), `cell` = (row, col) of the token
+    grid, or `pixel` = (x, y) of the generated image with `image_size` = (width, height): pixel ->
+    token -> features. acts: captured [steps, batch, tokens, d] of an image-stream site. `stats`,
+    `max_density`, `n`: as in `top_features`. Returns up to n FeatureAt(feature, activation, share).
+    """
+    check_image_site(dictionary)
+    acts = check_acts(dictionary, acts)
+    index = token_of(acts.shape[2], token=token, cell=cell, pixel=pixel, image_size=image_size)
+    x = acts[step_index(acts, steps), batch_index(acts, batch), index][:, None]  # [steps, 1, d]
+    ranked = _ranked(_mass(dictionary, x), n, stats, max_density, dictionary)
+    return [FeatureAt(*r) for r in ranked]
+
+
+def feature_activations(dictionary, acts: torch.Tensor, feature: int, batch: int | None = 0) -> torch.Tensor:
+    """One feature's activation on every token at every captured step: acts [steps, batch, tokens, d] ->
+    [steps, tokens] for image `batch` (None: [steps, batch, tokens], every image)."""
+    feature = check_feature(dictionary, feature)
+    acts = check_acts(dictionary, acts)
+    x = acts if batch is None else acts[:, batch_index(acts, batch)]
+    values, indices = sparse_codes(dictionary, x)
+    return (values * (indices == feature)).sum(-1)
+
+
+def timestep_profile(dictionary, acts: torch.Tensor, feature: int, batch: int | None = 0) -> torch.Tensor:
+    """A feature's mean activation per captured step over the tokens of image `batch` (None: of every
+    image): acts [steps, batch, tokens, d] -> [steps]. Over many generations:
+    `FeatureStats.timestep_profile`."""
+    a = feature_activations(dictionary, acts, feature, batch)
+    return a.reshape(a.shape[0], -1).mean(1)
+
+
+def feature_heatmap(
+    dictionary,
+    acts: torch.Tensor,
+    feature: int,
+    image: Image.Image,
+    stats: FeatureStats | None = None,
+    *,
+    batch: int = 0,
+    steps: int | Sequence[int] | None = None,
+    vmax: float | None = None,
+    colorbar: bool = True,
+    **overlay_args,
+) -> Image.Image:
+    """`feature`'s activations on the generated `image` (mean over `steps`), painted over it with a
+    colour bar. The colour scale runs from 0 to `vmax`, by default the feature's max activation in
+    `stats` so the same colour means the same value on every image and step; without either, the
+    map's own max (then colours compare within one map only). `overlay_args` go to
+    `fluxsae.heatmap.feature_overlay` (cmap, alpha, display_size)."""
+    check_image_site(dictionary)
+    a = feature_activations(dictionary, acts, feature, batch)  # [steps, tokens]
+    grid = _grid_of(a.shape[1], image.size)
+    values = a[step_index(check_acts(dictionary, acts), steps)].mean(0).reshape(grid)
+    if vmax is None and stats is not None:
+        stats.check_matches(dictionary)
+        vmax = float(stats.max_activation[feature])
+    return feature_overlay(image, values, vmin=0.0, vmax=vmax, colorbar=colorbar, **overlay_args)
