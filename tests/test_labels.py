@@ -1,0 +1,87 @@
+"""The feature-label dataset: written by fluxsae.labels, read by `load_labels` and by plain
+`datasets.load_dataset(folder)`; the packaged Shapes labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxsae.labels import LABEL_COLUMNS, load_labels, shapes_labels_dir, write_labels
+
+SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
+
+
+def _row(site, method, feature, **kw):
+    row = {"site": site, "method": method, "feature": feature, "label": f"label {feature}", "status": "ok",
+           "score": 0.5 + feature / 100, "timestep_profile": [0.1] * 8, "example_images": [feature % 3, 2],
+           "example_maps": [[255] * 64, [0] * 64], "judge_scores": [1.0, None]}  # fmt: skip
+    return {**row, **kw}
+
+
+def test_written_labels_load_through_load_labels_and_load_dataset(tmp_path):
+    import datasets
+
+    rows = [_row(SITES[0], "sae", f) for f in range(4)] + [_row(SITES[1], "mlp", f) for f in range(3)]
+    rows.append(_row(SITES[0], "itda", 0, label=None, status="malformed", score=None))
+    images = [{"image_id": i, "prompt": f"p{i}", "seed": i, "scene": None,
+               "image": Image.new("RGB", (64, 64), (i * 80, 0, 0))} for i in range(3)]  # fmt: skip
+    strips = [{"site": SITES[0], "method": "sae", "feature": 0, "label": "label 0", "score": 0.5,
+               "image": Image.new("RGB", (130, 64), "blue")}]  # fmt: skip
+    folder = write_labels(tmp_path / "labels", rows, images, examples=strips, body="# test labels")
+    card = (folder / "README.md").read_text()
+    assert "config_name: labels" in card and "config_name: images" in card and "# test labels" in card
+
+    plain = datasets.load_dataset(str(folder), split="train")  # the default config: the labels
+    assert len(plain) == 8 and set(LABEL_COLUMNS) <= set(plain.column_names)
+    sae = load_labels(folder, site=SITES[0], method="sae")
+    assert sorted(sae["feature"]) == [0, 1, 2, 3]
+    assert sae.filter(lambda r: r["feature"] == 2)[0]["score"] == pytest.approx(0.52)
+    assert load_labels(folder, method="mlp")["site"] == [SITES[1]] * 3
+    failed = load_labels(folder, method="itda")[0]
+    assert failed["label"] is None and failed["status"] == "malformed" and failed["score"] is None
+    assert sae[0]["example_maps"][0] == [255] * 64 and sae[0]["judge_scores"] == [1.0, None]
+    shown = load_labels(folder, config="images")
+    assert isinstance(shown[1]["image"], Image.Image) and shown[1]["image"].getpixel((0, 0)) == (80, 0, 0)
+    assert load_labels(folder, config="examples", method="sae")[0]["image"].size == (130, 64)
+    with pytest.raises(ValueError, match="has no labels for site"):
+        load_labels(folder, site="transformer_blocks.0.image")
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_labels(folder, method="pca")
+    with pytest.raises(FileNotFoundError, match="not a label dataset folder.*README.md"):
+        load_labels(tmp_path)
+
+
+PACKAGED = shapes_labels_dir()
+
+
+def test_packaged_shapes_labels_cover_every_unit_and_stay_small():
+    import datasets
+
+    assert (PACKAGED / "README.md").is_file(), "packaged labels missing: python -m training.shapes_labels"
+    size = sum(f.stat().st_size for f in PACKAGED.rglob("*") if f.is_file())
+    assert size < 15e6, f"the packaged labels take {size / 1e6:.1f} MB; the budget is 15 MB"
+    everything = datasets.load_dataset(str(PACKAGED), "labels", split="train")
+    assert len(everything) == 2 * (2048 + 2048 + 512)
+    for site in SITES:
+        for method, n in (("sae", 2048), ("itda", 2048), ("mlp", 512)):
+            labels = load_labels("shapes", site=site, method=method)
+            assert sorted(labels["feature"]) == list(range(n))
+    sae = load_labels("shapes", site=SITES[0], method="sae").to_pandas()
+    assert (sae["explainer"] == "shapes-oracle").all()
+    assert sae["status"].isin(["ok", "no_examples"]).all() and (sae["status"] == "ok").mean() > 0.9
+    ok = sae[sae["status"] == "ok"]
+    assert ok["label"].notna().all() and ok["auroc"].between(0, 1).all()
+    assert sae[sae["status"] == "no_examples"]["label"].isna().all()
+    scored = sae[sae["score"].notna()]
+    assert len(scored) > 1000 and scored["score"].between(0, 1).all()
+    # The references resolve: example ids name rows of the images config, maps have one value per token.
+    images = load_labels("shapes", config="images")
+    ids = set(images["image_id"])
+    row = scored.iloc[0]
+    assert set(row["example_images"]) <= ids and all(len(m) == 64 for m in row["example_maps"])
+    assert max(max(m) for m in row["example_maps"]) == 255  # the best example sets the scale
+    assert len(row["timestep_profile"]) == 8
+    best = ok.sort_values("auroc").iloc[-1]
+    assert best["auroc"] > 0.9 and isinstance(best["label"], str)
+    assert np.isclose(row["example_activations"][0], row["example_scale"])
