@@ -29,14 +29,12 @@ from PIL import Image  # noqa: E402
 
 import fluxsae  # noqa: E402
 from fluxsae.heatmap import activation_norms, overlay, token_grid, token_map  # noqa: E402
-from fluxsae.pipelines import SHAPES, PipelineLoadError  # noqa: E402
+from fluxsae.pipelines import SHAPES, TINY, PipelineLoadError, generation_defaults  # noqa: E402
 from fluxsae.sites import SiteError, parse_site  # noqa: E402
-from fluxsae.testing import TINY_GENERATION, tiny_flux_pipeline  # noqa: E402
+from fluxsae.tiny import tiny_flux_pipeline  # noqa: E402
 
 logger = logging.getLogger("fluxsae.app")
 
-TINY = "tiny"
-"""Model name for the random tiny pipeline of `fluxsae.testing` (and the Shapes fallback)."""
 DISPLAY_PX = 384
 """Small images are enlarged (NEAREST, whole-number factor) to about this size for display."""
 MAX_SEED = 2**32 - 1
@@ -46,26 +44,6 @@ FALLBACK_NOTE = (
     "The packaged Shapes model is not installed; showing a random tiny pipeline "
     "(its images are noise: use it to try the interface)."
 )
-
-# FLUX.1-schnell is timestep-distilled: 4 steps, no guidance, T5 limited to 256 tokens.
-_SCHNELL = {"height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 256,
-            "guidance_scale": 0.0}  # fmt: skip
-# FLUX.1-dev is guidance-distilled (guidance is an input of the transformer).
-_DEV = {"height": 256, "width": 256, "num_inference_steps": 28, "max_sequence_length": 512,
-        "guidance_scale": 3.5}  # fmt: skip
-
-
-def generation_defaults(name: str, pipe) -> dict:
-    """The `pipe(...)` call arguments for model `name`: height, width, steps, T5 length, guidance."""
-    if name == TINY:
-        return dict(TINY_GENERATION)
-    if name == SHAPES:
-        from fluxsae.shapes import GENERATION_DEFAULTS
-
-        return dict(GENERATION_DEFAULTS)
-    config = getattr(getattr(pipe, "transformer", None), "config", None)
-    return dict(_DEV if getattr(config, "guidance_embeds", False) else _SCHNELL)
-
 
 def load_app_pipeline(name: str, quantize: str | None = None) -> tuple[object, str, str | None]:
     """(pipeline, the model name it really is, a note for the UI or None).
@@ -212,6 +190,11 @@ def build_demo(pipe, name: str, note: str | None = None, defaults: Mapping | Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve the app. Host and port: --host/--port, else Gradio's own
+    GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (a Space sets GRADIO_SERVER_NAME=0.0.0.0), else 127.0.0.1 and the
+    first free port from 7860. On a ZeroGPU Space (the `spaces` package importable) generation runs
+    under `spaces.GPU`; elsewhere nothing changes."""
+    global run
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -221,19 +204,58 @@ def main(argv: list[str] | None = None) -> None:
         help="'shapes', 'tiny', a Hub id or a local pipeline folder (default: $FLUXSAE_MODEL or shapes)",
     )
     parser.add_argument("--quantize", choices=["nf4"], default=None, help="NF4 weights for FLUX.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1")
+    # No argparse defaults for host and port: they would hide Gradio's environment variables.
+    parser.add_argument(
+        "--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT, else 7860 or the next free one"
+    )
+    parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME, else 127.0.0.1")
     parser.add_argument("--share", action="store_true", help="make a public gradio.live link")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port, port_from = args.port, "--port"
+    if port is None and os.environ.get("GRADIO_SERVER_PORT"):
+        port_from = "GRADIO_SERVER_PORT"
+        try:
+            port = int(os.environ["GRADIO_SERVER_PORT"])
+        except ValueError:
+            raise SystemExit(
+                f"GRADIO_SERVER_PORT={os.environ['GRADIO_SERVER_PORT']!r} is not a port number; set it to "
+                "one (e.g. 7861) or pass --port."
+            ) from None
+    try:
+        import spaces  # ZeroGPU: imported before any CUDA work, as it requires
+    except ImportError:
+        spaces = None
     try:
         pipe, name, note = load_app_pipeline(args.model, args.quantize)
     except PipelineLoadError as e:
         raise SystemExit(str(e)) from e
-    build_demo(pipe, name, note).queue().launch(
-        server_name=args.host, server_port=args.port, share=args.share
-    )
+    if spaces is not None:
+        # ZeroGPU attaches a GPU only inside spaces.GPU functions, run in a forked worker that receives
+        # its arguments pickled: the pipeline is captured here (the fork inherits it), never passed.
+        cpu_run = getattr(run, "_fluxsae_cpu_run", run)
+
+        @spaces.GPU(duration=120)
+        def generate_on_gpu(prompt, seed, site, step, defaults):
+            return cpu_run(pipe, prompt, seed, site, step, defaults)
+
+        def run_via_gpu(_pipe, prompt, seed, site, step, defaults):
+            return generate_on_gpu(prompt, seed, site, step, defaults)
+
+        run_via_gpu._fluxsae_cpu_run = cpu_run
+        run = run_via_gpu
+        logger.info("ZeroGPU: generation runs under spaces.GPU")
+    try:
+        build_demo(pipe, name, note).queue().launch(server_name=host, server_port=port, share=args.share)
+    except OSError as e:
+        if port is None or "port" not in str(e).lower():
+            raise
+        raise SystemExit(
+            f"Port {port} on {host} (from {port_from}) is in use or cannot be opened: pass --port with a "
+            f"free port, or set GRADIO_SERVER_PORT (--port wins over it). ({e})"
+        ) from e
 
 
 if __name__ == "__main__":
