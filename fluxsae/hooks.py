@@ -27,7 +27,7 @@ _PASS_NAMES = ("cond", "uncond")
 
 
 @dataclass
-class _StepTracker:
+class StepTracker:
     """Knows, while the transformer runs, which generation, step and CFG pass it is in."""
 
     scheduler: object
@@ -75,8 +75,10 @@ def _step_set(steps: Iterable[int] | None) -> frozenset[int] | None:
 
 
 @contextlib.contextmanager
-def _tracked(pipe) -> Iterator[_StepTracker]:
-    tracker = _StepTracker(scheduler=getattr(pipe, "scheduler", None))
+def track_steps(pipe) -> Iterator[StepTracker]:
+    """While inside, the yielded tracker knows the generation, denoising step, sigma and CFG pass the
+    transformer is running (its pre-hook is removed on exit, also after an exception)."""
+    tracker = StepTracker(scheduler=getattr(pipe, "scheduler", None))
     handle = pipe.transformer.register_forward_pre_hook(tracker.before_transformer, with_kwargs=True)
     try:
         yield tracker
@@ -171,7 +173,7 @@ def capture(
     keep = _step_set(steps)
     result = Captured(sites=tuple(s for s, _ in resolved), cfg_pass=cfg_pass)
     handles = []
-    with _tracked(pipe) as tracker:
+    with track_steps(pipe) as tracker:
         try:
             for site, block in resolved:
 
@@ -212,7 +214,7 @@ def edit_site(
     _check_pass(cfg_pass)
     site, block = resolve_site(pipe, site)
     keep = _step_set(steps)
-    with _tracked(pipe) as tracker:
+    with track_steps(pipe) as tracker:
 
         def hook(module, args, kwargs, output):
             if keep is not None and tracker.step not in keep:

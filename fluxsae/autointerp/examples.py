@@ -26,7 +26,7 @@ import torch
 
 from fluxsae.feature_stats import FeatureStats, FeatureStatsAccumulator, sparse_codes
 from fluxsae.fileio import load_tensors, save_tensors
-from fluxsae.hooks import _tracked
+from fluxsae.hooks import track_steps
 from fluxsae.sites import parse_site, resolve_site
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def capture_mlp(pipe, sites: Sequence[str], n_image_tokens: int) -> Iterator[dic
     """
     recorded: dict[str, list] = {str(s): [] for s in sites}
     handles = []
-    with _tracked(pipe) as tracker:
+    with track_steps(pipe) as tracker:
         try:
             for site in sites:
                 if parse_site(site).stream != "image":
