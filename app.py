@@ -1,8 +1,10 @@
-"""fluxsae app: generate an image with a Flux pipeline and see where a site's residual stream is strong.
+"""fluxsae app: generate an image with a Flux pipeline, see which dictionary features (SAE / ITDA) fire
+where, and steer them. Layout and wiring only: the handlers are in app_actions.py, what they show is
+drawn by app_views.py, and both call the `fluxsae` library.
 
     python app.py                                   # the packaged Shapes model (CPU)
     python app.py --model tiny                      # a random tiny pipeline, for trying the UI
-    python app.py --model black-forest-labs/FLUX.1-schnell --quantize nf4   # one GPU
+    python app.py --model black-forest-labs/FLUX.1-schnell --quantize nf4 --dictionaries <hub id>
 
 The model also comes from the environment variable FLUXSAE_MODEL. Everything a request does runs
 inside `fluxsae.capture` (hooks removed in `finally`) under one lock, so a failed or concurrent
@@ -15,7 +17,6 @@ import argparse
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Mapping
 
@@ -27,10 +28,14 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import app_views as views  # noqa: E402
 import fluxsae  # noqa: E402
+from app_actions import make_actions  # noqa: E402
+from fluxsae import shapes  # noqa: E402
 from fluxsae.heatmap import activation_norms, overlay, token_grid, token_map  # noqa: E402
 from fluxsae.pipelines import SHAPES, TINY, PipelineLoadError, generation_defaults  # noqa: E402
-from fluxsae.sites import SiteError, parse_site  # noqa: E402
+from fluxsae.sites import parse_site  # noqa: E402
+from fluxsae.steering import DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
 from fluxsae.tiny import tiny_flux_pipeline  # noqa: E402
 
 logger = logging.getLogger("fluxsae.app")
@@ -40,10 +45,12 @@ DISPLAY_PX = 384
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 """Longer prompts are cut here before tokenising (the tokenizers truncate to far fewer tokens anyway)."""
+PACKAGED_SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 FALLBACK_NOTE = (
     "The packaged Shapes model is not installed; showing a random tiny pipeline "
     "(its images are noise: use it to try the interface)."
 )
+
 
 def load_app_pipeline(name: str, quantize: str | None = None) -> tuple[object, str, str | None]:
     """(pipeline, the model name it really is, a note for the UI or None).
@@ -140,52 +147,211 @@ def to_display(image: Image.Image | None, px: int = DISPLAY_PX) -> Image.Image |
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def build_demo(pipe, name: str, note: str | None = None, defaults: Mapping | None = None) -> gr.Blocks:
-    """The Gradio Blocks for `pipe` (model `name`); `note` is shown under the title."""
+def build_demo(
+    pipe,
+    name: str,
+    note: str | None = None,
+    defaults: Mapping | None = None,
+    dictionaries: str | None = None,
+    labels: str | None = None,
+) -> gr.Blocks:
+    """The Gradio Blocks for `pipe` (model `name`); `note` is shown under the title. `dictionaries` /
+    `labels`: a release ("shapes", a folder, a Hub id) with SAEs / ITDAs and their labels (default:
+    the packaged ones for the Shapes model, none otherwise)."""
     defaults = dict(defaults or generation_defaults(name, pipe))
     n_steps = int(defaults["num_inference_steps"])
     sites = [str(s) for s in fluxsae.all_sites(pipe)]
-    lock = threading.Lock()
+    release = views.Dictionaries(dictionaries or (SHAPES if name == SHAPES else None), labels)
+    vocabulary = shapes.vocabulary() if name == SHAPES else []
+    first_site = next((s for s in PACKAGED_SITES if s in sites and release.get(s, "SAE")), default_site(pipe))
 
-    def on_generate(prompt, seed, site, step):
-        try:
-            with lock:
-                image, heat, stats = run(pipe, prompt, seed, site, step, defaults)
-        except (ValueError, SiteError) as e:
-            raise gr.Error(str(e), print_exception=False) from e
-        except Exception as e:
-            logger.exception("Generation failed")
-            message = f"Generation failed ({type(e).__name__}: {e}). The app is unchanged; try again."
-            raise gr.Error(message, print_exception=False) from e  # logged above, with the traceback
-        return to_display(image), to_display(heat), stats
+    actions = make_actions(
+        pipe, defaults, release, sites, vocabulary, norms=lambda *args: run(*args), check_seed=check_seed,
+        to_display=to_display, display_px=DISPLAY_PX, max_prompt_chars=MAX_PROMPT_CHARS,
+    )  # fmt: skip
+    vocabulary_note, on_generate, on_feature = (
+        actions.vocabulary_note,
+        actions.on_generate,
+        actions.on_feature,
+    )
+    on_pixel, on_search, on_steer = actions.on_pixel, actions.on_search, actions.on_steer
 
     shown = dict(type="pil", format="png", interactive=False, buttons=["download", "fullscreen"])
+    examples = (
+        [shapes.caption(s) for s in shapes.sample_scenes(6, seed=0)] if vocabulary else ["a red circle"]
+    )
     with gr.Blocks(title="fluxsae", analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# fluxsae\nGenerate an image with `{name}` and see, token by token, how strong the residual "
-            "stream is (L2 norm) at a site of the transformer on a denoising step."
+            f"# fluxsae\nGenerate an image with `{name}`, see which dictionary features (SAE or ITDA) fire "
+            "where, and steer them. At sites without a dictionary the map shows the residual stream's "
+            "per-token L2 norm."
         )
         if note:
             gr.Markdown(f"**Note:** {note}", elem_id="note")
+        state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle", elem_id="prompt")
-                seed = gr.Number(
-                    value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0], elem_id="prompt")
+                words = gr.Markdown(elem_id="vocabulary")
+                gr.Examples([[e] for e in examples], [prompt], label="Example prompts")
+                seed = views.lenient(
+                    gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                 )
-                site = gr.Dropdown(sites, value=default_site(pipe), label="Site", elem_id="site")
-                step = gr.Slider(
-                    0, max(n_steps - 1, 1), value=n_steps - 1, step=1, label="Denoising step", elem_id="step"
+                site = gr.Dropdown(sites, value=first_site, label="Site", elem_id="site")
+                method = gr.Radio(list(views.METHODS), value="SAE", label="Dictionary", elem_id="method")
+                with gr.Row():
+                    first = views.lenient(
+                        gr.Slider(
+                            0, max(n_steps - 1, 1), value=0, step=1, label="First step", elem_id="first_step"
+                        )
+                    )
+                    step = views.lenient(
+                        gr.Slider(
+                            0,
+                            max(n_steps - 1, 1),
+                            value=n_steps - 1,
+                            step=1,
+                            label="Last step",
+                            elem_id="step",
+                        )
+                    )
+                feature = views.lenient(
+                    gr.Number(value=-1, label="Feature (-1: the top one)", precision=0, elem_id="feature")
+                )
+                opacity = views.lenient(
+                    gr.Slider(0, 1, value=0.55, label="Heatmap opacity", elem_id="opacity")
                 )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 with gr.Row():
-                    image = gr.Image(label="Image", elem_id="image", **shown)
-                    heat = gr.Image(label="Token activation norm", elem_id="heatmap", **shown)
+                    image = gr.Image(
+                        label="Image (click a pixel: features at that token)", elem_id="image", **shown
+                    )
+                    heat = gr.Image(label="Feature heatmap", elem_id="heatmap", **shown)
                 stats = gr.Markdown(elem_id="stats")
-        inputs, outputs = [prompt, seed, site, step], [image, heat, stats]
-        button.click(on_generate, inputs, outputs)
-        prompt.submit(on_generate, inputs, outputs)
+                table = gr.Dataframe(
+                    headers=["feature", "label", "score", "share %"],
+                    label="Top features",
+                    interactive=False,
+                    elem_id="top_features",
+                )
+        with gr.Row():
+            with gr.Column():
+                panel = gr.Markdown(elem_id="feature_panel")
+                profile = gr.LinePlot(
+                    x="step", y="mean activation", label="Timestep profile", elem_id="profile"
+                )
+                gallery = gr.Gallery(label="Top examples", columns=5, height=200, elem_id="examples")
+            with gr.Column():
+                with gr.Row():
+                    px = views.lenient(gr.Number(value=0, label="x (px)", elem_id="pixel_x"))
+                    py = views.lenient(gr.Number(value=0, label="y (px)", elem_id="pixel_y"))
+                at = gr.Dataframe(
+                    headers=["feature", "label", "activation", "share %"],
+                    label="Features at the clicked token",
+                    interactive=False,
+                    elem_id="at_pixel",
+                )
+                query = gr.Textbox(label="Search labels", placeholder="red circle", elem_id="search")
+                found = gr.Dataframe(
+                    headers=["feature", "label", "score"],
+                    label="Matching features",
+                    interactive=False,
+                    elem_id="found",
+                )
+        gr.Markdown("## Steer")
+        with gr.Row():
+            with gr.Column(scale=1):
+                steer_features = gr.Textbox(
+                    label="Features (ids or label words, comma-separated)", elem_id="steer_features"
+                )
+                strength = views.lenient(
+                    gr.Slider(
+                        -20,
+                        20,
+                        value=DEFAULT_STRENGTH,
+                        label="Strength (add: mean token norms; "
+                        "negative suppresses. clamp: the code value, 0 ablates)",
+                        elem_id="strength",
+                    )
+                )
+                mode = gr.Radio(["add", "clamp"], value="add", label="Mode", elem_id="mode")
+                steered_steps = range(n_steps)[DEFAULT_STEPS]  # the library's default: the last steps
+                with gr.Row():
+                    steer_first = views.lenient(
+                        gr.Slider(
+                            0,
+                            max(n_steps - 1, 1),
+                            value=steered_steps[0],
+                            step=1,
+                            label="Steer from step",
+                            elem_id="steer_first",
+                        )
+                    )
+                    steer_last = views.lenient(
+                        gr.Slider(
+                            0,
+                            max(n_steps - 1, 1),
+                            value=steered_steps[-1],
+                            step=1,
+                            label="to step",
+                            elem_id="steer_last",
+                        )
+                    )
+                region = gr.ImageEditor(
+                    label="Region (paint on the image; empty: everywhere)",
+                    type="pil",
+                    brush=gr.Brush(colors=["#ff00ff"]),
+                    elem_id="region",
+                )
+                steer_button = gr.Button("Steer", variant="primary", elem_id="steer")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    original = gr.Image(label="Original", elem_id="original", **shown)
+                    steered = gr.Image(label="Steered", elem_id="steered", **shown)
+                steer_stats = gr.Markdown(elem_id="steer_stats")
+
+        view = [site, method, first, step]
+        gr.on(
+            [button.click, prompt.submit],
+            on_generate,
+            [prompt, seed, *view, feature, opacity],
+            [image, heat, stats, table, panel, profile, gallery, words, state, region],
+            api_name="generate",
+            concurrency_limit=4,
+        )
+        prompt.change(vocabulary_note, [prompt], [words], api_name="check_prompt", show_progress="hidden")
+        feature_outputs = [heat, panel, profile, gallery]
+        gr.on(
+            [feature.submit, opacity.release],
+            on_feature,
+            [state, *view, feature, opacity],
+            feature_outputs,
+            api_name="show_feature",
+        )
+
+        def pick(rows, evt: gr.SelectData):
+            return int(rows.iloc[evt.index[0], 0]), f"{int(rows.iloc[evt.index[0], 0])}"
+
+        for source in (table, at, found):
+            source.select(pick, [source], [feature, steer_features], api_name=False).then(
+                on_feature, [state, *view, feature, opacity], feature_outputs, api_name=False
+            )
+
+        def click(evt: gr.SelectData):
+            return evt.index[0], evt.index[1]
+
+        image.select(click, None, [px, py], api_name=False).then(
+            on_pixel, [state, *view, px, py], [at], api_name="features_at"
+        )
+        query.submit(on_search, [query, site, method], [found], api_name="search")
+        steer_button.click(
+            on_steer,
+            [prompt, seed, site, method, steer_features, strength, mode, steer_first, steer_last, region],
+            [original, steered, steer_stats],
+            api_name="steer",
+            concurrency_limit=4,
+        )
     return demo
 
 
@@ -204,6 +370,17 @@ def main(argv: list[str] | None = None) -> None:
         help="'shapes', 'tiny', a Hub id or a local pipeline folder (default: $FLUXSAE_MODEL or shapes)",
     )
     parser.add_argument("--quantize", choices=["nf4"], default=None, help="NF4 weights for FLUX.1")
+    parser.add_argument(
+        "--dictionaries",
+        default=os.environ.get("FLUXSAE_DICTIONARIES"),
+        help="SAE / ITDA release: 'shapes', a Hub id or a folder (default: $FLUXSAE_DICTIONARIES, else the "
+        "packaged ones for the Shapes model)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=os.environ.get("FLUXSAE_LABELS"),
+        help="feature-label dataset: a Hub id or a folder (default: $FLUXSAE_LABELS, else the dictionaries')",
+    )
     # No argparse defaults for host and port: they would hide Gradio's environment variables.
     parser.add_argument(
         "--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT, else 7860 or the next free one"
@@ -248,7 +425,10 @@ def main(argv: list[str] | None = None) -> None:
         run = run_via_gpu
         logger.info("ZeroGPU: generation runs under spaces.GPU")
     try:
-        build_demo(pipe, name, note).queue().launch(server_name=host, server_port=port, share=args.share)
+        # Only what was asked for is passed on, so build_demo's own defaults stay the defaults.
+        release = {k: v for k, v in (("dictionaries", args.dictionaries), ("labels", args.labels)) if v}
+        demo = build_demo(pipe, name, note, **release)
+        demo.queue().launch(server_name=host, server_port=port, share=args.share)
     except OSError as e:
         if port is None or "port" not in str(e).lower():
             raise

@@ -203,7 +203,7 @@ def test_app_in_a_real_browser(served_app, tiny_pipe, tmp_path):
                 handle.remove()
             page.locator("#seed input").fill("-5")
             page.locator("#generate").click()
-            expect(page.locator(".toast-body").first).to_contain_text("less than minimum")
+            expect(page.locator(".toast-body").first).to_contain_text("whole number from 0")
             page.locator("#seed input").fill("3")
 
             page.locator("#site input").click()
@@ -216,6 +216,197 @@ def test_app_in_a_real_browser(served_app, tiny_pipe, tmp_path):
             expect(page.locator("#heatmap img[src]")).to_be_visible()
             page.locator(".toast-close").first.click()  # dismiss the error toasts before the screenshot
             expect(page.locator(".toast-body")).to_have_count(0)
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+        finally:
+            browser.close()
+
+
+SITE = "transformer_blocks.3.image"
+
+
+@pytest.fixture(scope="module")
+def shapes_app():
+    """The app on the packaged Shapes model with its SAEs, ITDAs and labels; yields (URL, pipeline)."""
+    import fluxsae
+
+    pipe = fluxsae.load_pipeline("shapes")
+    demo = app.build_demo(pipe, "shapes")
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", pipe
+    finally:
+        demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _generate(client, prompt="a red circle at the top left", seed=0, method="SAE", feature=-1):
+    return client.predict(prompt, seed, SITE, method, 0, 7, feature, 0.55, api_name="/generate")
+
+
+def _steer(client, features="red", strength=5, seed=0, mode="add", first=0, last=4, prompt="a blue square"):
+    return client.predict(
+        prompt, seed, SITE, "SAE", features, strength, mode, first, last, None, api_name="/steer"
+    )
+
+
+def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
+    url, pipe = shapes_app
+    client = _client(url)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert sorted(api) == sorted(
+        ["/generate", "/check_prompt", "/show_feature", "/features_at", "/search", "/steer"]
+    )
+    for info in api.values():
+        assert all(r["label"] for r in info["returns"]), info
+    image, heat, stats, table, panel, profile, gallery, words, region = _generate(client)
+    assert _pixels(image).shape == (384, 384, 3) and _pixels(heat).shape[0] >= 384  # heatmap + colour bar
+    assert "FVU on this image" in stats and " ms" in stats
+    rows = table["data"]
+    assert len(rows) == 10 and all(r[1] for r in rows)  # every top feature has a label
+    assert f"Feature {rows[0][0]}" in panel and "density" in panel and gallery
+    # Another feature of the table: its own heatmap, on the same fixed scale machinery.
+    heat2, panel2, _, _ = client.predict(SITE, "SAE", 0, 7, rows[3][0], 0.8, api_name="/show_feature")
+    assert f"Feature {rows[3][0]}" in panel2 and not np.array_equal(_pixels(heat), _pixels(heat2))
+    at = client.predict(SITE, "SAE", 0, 7, 40, 40, api_name="/features_at")["data"]
+    assert at and all(len(r) == 4 for r in at)
+    found = client.predict("red circle", SITE, "SAE", api_name="/search")["data"]
+    assert found and all("red circle" in r[1] for r in found)
+    # ITDA at the other packaged site.
+    out = client.predict("a red circle", 0, "single_transformer_blocks.2.image", "ITDA", 0, 7, -1, 0.5,
+                         api_name="/generate")  # fmt: skip
+    assert "ITDA" in out[2] and out[3]["data"]
+    note = client.predict("a red circle in the top left", api_name="/check_prompt")
+    assert "`in`" in note and "does not know" in note
+    original, steered, steer_stats = _steer(client)
+    assert not np.array_equal(_pixels(original), _pixels(steered)) and "mean pixel change" in steer_stats
+    assert _hooks(pipe) == 0
+
+
+def test_steering_a_painted_region_of_any_shape(shapes_app, tmp_path):
+    """An ImageEditor value as gradio_client sends it: strokes on the top-left quarter, at a size that is
+    not the image's; the edit lands there most."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    client = _client(shapes_app[0])
+    layer = np.zeros((300, 170, 4), np.uint8)
+    layer[:150, :85] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    Image.new("RGB", (170, 300)).save(tmp_path / "background.png")
+    files = {
+        k: handle_file(tmp_path / f) for k, f in (("background", "background.png"), ("layer", "layer.png"))
+    }
+    region = {"background": files["background"], "layers": [files["layer"]], "composite": files["background"]}
+    args = ("a blue square", 0, SITE, "SAE", "red", 20, "add", 0, 4)
+    original, steered, stats = client.predict(*args, region, api_name="/steer")
+    assert "painted region" in stats
+    change = np.abs(_pixels(original).astype(int) - _pixels(steered).astype(int)).sum(-1)
+    assert change[:192, :192].mean() > change[192:, 192:].mean()
+    blank = np.zeros((300, 170, 4), np.uint8)  # nothing painted: steer everywhere
+    Image.fromarray(blank).save(tmp_path / "blank.png")
+    region["layers"] = [handle_file(tmp_path / "blank.png")]
+    assert "painted region" not in client.predict(*args, region, api_name="/steer")[2]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c: _generate(c, seed="NaN"), "whole number"),
+        (lambda c: _generate(c, seed="abc"), "whole number"),
+        (lambda c: _generate(c, feature=10**6), "feature must be"),
+        (lambda c: _generate(c, method="MLP"), "not in the list of choices"),
+        (lambda c: c.predict("", 0, "transformer_blocks.9.image", "SAE", 0, 7, -1, 0.5, api_name="/generate"),
+         "not in the list of choices"),
+        (lambda c: _steer(c, strength=1e6), "strength must be"),
+        (lambda c: _steer(c, strength="NaN"), "strength must be"),
+        (lambda c: _steer(c, strength="abc"), "strength must be"),
+        (lambda c: _steer(c, features="99999"), "no feature 99999"),
+        (lambda c: _steer(c, features="zzz unknown"), "No feature's label"),
+        (lambda c: _steer(c, features=""), "at least one feature"),
+        (lambda c: _steer(c, first=5, last=2), "after the last step"),
+        (lambda c: _steer(c, mode="multiply"), "not in the list of choices"),
+        (lambda c: c.predict(SITE, "SAE", 0, 7, 0, 0.5, api_name="/show_feature"), "Generate an image first"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_clear_error_and_the_next_request_is_unchanged(shapes_app, call, match):
+    from gradio_client.exceptions import AppError
+
+    client = _client(shapes_app[0])
+    with pytest.raises(AppError, match=match):
+        call(client)
+    assert _hooks(shapes_app[1]) == 0
+
+
+def test_odd_prompts_generate_and_leave_the_pipeline_unchanged(shapes_app):
+    client = _client(shapes_app[0])
+    before = _steer(client, strength="5")  # a number as a string is fine
+    for prompt in ["", "red circle " * 1000, "ein roter Kreis ✨ 赤い円 \u202e"]:
+        out = _generate(client, prompt=prompt)
+        assert _pixels(out[0]).shape == (384, 384, 3)
+    after = _steer(client, strength=5)
+    assert np.array_equal(_pixels(before[0]), _pixels(after[0]))
+    assert np.array_equal(_pixels(before[1]), _pixels(after[1]))
+
+
+def test_concurrent_clients_each_get_their_solo_result(shapes_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = shapes_app[0]
+    seeds = [1, 2, 3]
+    solo = {s: _pixels(_steer(_client(url), seed=s, strength=8)[1]) for s in seeds}
+    clients = [_client(url) for _ in seeds]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        results = list(
+            pool.map(lambda cs: _steer(cs[0], seed=cs[1], strength=8), zip(clients, seeds, strict=True))
+        )
+    for s, r in zip(seeds, results, strict=True):
+        assert np.array_equal(_pixels(r[1]), solo[s]), s
+
+
+@pytest.mark.browser
+def test_features_and_steering_in_a_real_browser(shapes_app, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(shapes_app[0])
+            page.locator("#prompt textarea").fill("a red circle in the top left")
+            expect(page.locator("#vocabulary")).to_contain_text("does not know")
+            page.locator("#generate").click()
+            expect(page.locator("#stats")).to_contain_text("FVU on this image", timeout=30_000)
+            expect(page.locator("#heatmap img[src]")).to_be_visible()
+            # Pick the third feature of the table: the panel shows it.
+            cell = page.locator('#top_features [role=row][aria-rowindex="4"] [role=gridcell]').first
+            picked = cell.inner_text().strip()
+            cell.click()
+            expect(page.locator("#feature_panel")).to_contain_text(f"Feature {picked}", timeout=30_000)
+            # Click a pixel: the features at that token.
+            page.locator("#image img").click(position={"x": 60, "y": 60})
+            expect(page.locator('#at_pixel [role=row][aria-rowindex="2"]')).to_be_visible(timeout=30_000)
+            page.locator("#steer_features textarea").fill(picked)
+            page.locator("#strength input[type=number]").fill("10")
+            page.locator("#strength input[type=number]").press("Tab")
+            page.locator("#steer").click()
+            expect(page.locator("#steer_stats")).to_contain_text(f"add 10 on {picked}", timeout=30_000)
+            expect(page.locator("#steered img[src]")).to_be_visible()
             page.screenshot(path=tmp_path / "app.png", full_page=True)
         finally:
             browser.close()
