@@ -292,7 +292,8 @@ def test_space_folder_is_assembled_the_same_way(tmp_path):
     out = tmp_path / "space"
     publish.main(["space", "me/fluxsae-demo", "--dry-run", str(out)])
     files = set(files_of(out))
-    assert {"app.py", "requirements.txt", "README.md", ".gitattributes", "fluxsae/__init__.py"} <= files
+    assert {"app.py", "app_actions.py", "app_views.py", "requirements.txt", "README.md", ".gitattributes",
+            "fluxsae/__init__.py"} <= files  # fmt: skip
     assert "fluxsae/shapes/model/transformer/diffusion_pytorch_model.safetensors" in files
     assert f"fluxsae/shapes/dictionaries/sae/{SITES[0]}/sae.safetensors" in files
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)

@@ -305,15 +305,21 @@ SPACE_PACKAGE_DATA = ("shapes/model", "shapes/dictionaries", "shapes/labels")
 """Folders of the fluxsae package the Space ships (the embedded model, its dictionaries and labels)."""
 
 
+APP_MODULES = ("app.py", "app_actions.py", "app_views.py")
+"""The app: layout (app.py, the Space's app_file), request handlers and views."""
+
+
 def stage_space(
     out: str | Path, *, repo_id: str, model: str = "shapes", models: list[str] = (), datasets: list[str] = ()
 ) -> list[str]:
-    """Stage the Space: app.py, requirements.txt, the fluxsae package (sources and the packaged Shapes
-    model, dictionaries and labels), README.md (Spaces YAML), .gitattributes. Validates that every module
-    compiles, every packaged dictionary loads and every file passes the Hub's size rules."""
+    """Stage the Space: the app (APP_MODULES), requirements.txt, the fluxsae package (sources and the
+    packaged Shapes model, dictionaries and labels), README.md (Spaces YAML), .gitattributes. Validates
+    that every module compiles, every packaged dictionary loads and every file passes the Hub's size
+    rules."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ROOT / "app.py", out / "app.py")
+    for module in APP_MODULES:
+        shutil.copyfile(ROOT / module, out / module)
     reqs = (ROOT / "requirements.txt").read_text()
     (out / "requirements.txt").write_text(reqs)
     package = ROOT / "fluxsae"
