@@ -198,6 +198,12 @@ def _check_shapes(path: Path, tensors: dict[str, Tensor], shapes: dict[str, tupl
             )
 
 
+def _check_k(cfg_path: Path, k, n: int) -> None:
+    """A TopK config's k must be an integer in 1..n (the dictionary's width)."""
+    if not isinstance(k, int) or not 0 < k <= n:
+        raise DictionaryLoadError(f"{cfg_path}: k must be an integer in 1..{n}, got {k!r}")
+
+
 # -- EleutherAI sparsify -----------------------------------------------------------------------------
 
 
@@ -227,8 +233,7 @@ def _read_sparsify(folder: Path, site: str | None, base_model: str | None) -> To
             "reconstruction); a TopK SAE has none, so it cannot be imported exactly"
         )
     k = raw.get("k")
-    if not isinstance(k, int) or not 0 < k <= n:
-        raise DictionaryLoadError(f"{folder / CFG_FILE}: k must be an integer in 1..{n}, got {k!r}")
+    _check_k(folder / CFG_FILE, k, n)
     weights = {
         "W_enc": t["encoder.weight"],
         "b_enc": t["encoder.bias"],
@@ -286,8 +291,7 @@ def _read_saelens(folder: Path, site: str | None, base_model: str | None) -> Top
             f"{folder / CFG_FILE}: d_in={raw.get('d_in')}, d_sae={raw.get('d_sae')} but W_enc is [{d}, {n}]"
         )
     _check_shapes(path, t, {"b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}, f"W_enc [{d}, {n}]")
-    if not isinstance(k, int) or not 0 < k <= n:
-        raise DictionaryLoadError(f"{folder / CFG_FILE}: k must be an integer in 1..{n}, got {k!r}")
+    _check_k(folder / CFG_FILE, k, n)
     W_enc, b_enc, W_dec, b_dec = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
     if not raw.get("apply_b_dec_to_input", True):  # SAELens: pre = x W_enc + b_enc; ours subtracts b_dec
         b_enc = b_enc + W_enc @ b_dec

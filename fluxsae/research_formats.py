@@ -26,6 +26,7 @@ from fluxsae.formats import (
     OPENAI_WEIGHTS,
     SPARSIFY_WEIGHTS,
     FormatError,
+    _check_k,
     _check_shapes,
     _provenance,
     _read_json,
@@ -82,8 +83,7 @@ def read_openai(folder: Path, site: str | None, base_model: str | None) -> TopKS
             f"{folder / OPENAI_CFG}: d_model, n_dirs_local = {dims} but encoder.weight is [{n}, {d}]"
         )
     k = raw.get("k")
-    if not isinstance(k, int) or not 0 < k <= n:
-        raise DictionaryLoadError(f"{folder / OPENAI_CFG}: k must be an integer in 1..{n}, got {k!r}")
+    _check_k(folder / OPENAI_CFG, k, n)
     weights = {
         "W_enc": t["encoder.weight"],
         "b_enc": t["latent_bias"],
