@@ -75,16 +75,9 @@ def default_site(pipe) -> str:
 
 
 def check_seed(seed) -> int:
-    """An integer seed in 0..MAX_SEED, or a ValueError that says what was wrong."""
-    if isinstance(seed, bool) or seed is None:
-        raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
-    try:
-        value = float(seed)
-    except (TypeError, ValueError):
-        raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.") from None
-    if not math.isfinite(value) or value != int(value) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
-    return int(value)
+    """An integer seed in 0..MAX_SEED (a number or a numeric string), or a ValueError that says what was
+    wrong."""
+    return views.check_number(seed, "seed", 0, MAX_SEED, whole=True)
 
 
 def _check_step(step, n_steps: int) -> int:

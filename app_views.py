@@ -36,12 +36,13 @@ def unknown_words(prompt: str, vocabulary) -> list[str]:
 def check_number(value, what: str, low: float, high: float, whole: bool = False) -> float:
     """A finite number in [low, high] from a number or a numeric string, else a ValueError for people."""
     kind = "a whole number" if whole else "a number"
+    bounds = f"{int(low)} to {int(high)}" if whole else f"{low:g} to {high:g}"
     try:
         number = float(value) if not isinstance(value, bool) and value is not None else float("nan")
     except (TypeError, ValueError):
         number = float("nan")
     if not math.isfinite(number) or not low <= number <= high or (whole and number != int(number)):
-        raise ValueError(f"The {what} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+        raise ValueError(f"The {what} must be {kind} from {bounds}, got {value!r}.")
     return int(number) if whole else number
 
 
