@@ -196,12 +196,10 @@ def stage_model_repo(
 def _check_feature_stats(path: Path, d) -> None:
     from fluxsae.feature_stats import FeatureStats
 
-    stats = FeatureStats.load(path)
-    if stats.site != d.site or stats.fires.shape[-1] != d.n_features:
-        raise PublishError(
-            f"{path}: stats of {stats.site} with {stats.fires.shape[-1]} features, but the "
-            f"dictionary is {d.site} with {d.n_features}; recompute them"
-        )
+    try:
+        FeatureStats.load(path).check_matches(d)
+    except ValueError as err:
+        raise PublishError(f"{path}: {err}") from err
 
 
 # -- label datasets ---------------------------------------------------------------------------------
