@@ -71,6 +71,10 @@ class ForwardOutput(NamedTuple):
     aux_loss: Tensor
     """Scalar auxiliary loss (an SAE's AuxK loss; 0 for dictionaries without one)."""
 
+    loss: Tensor | None = None
+    """Scalar reconstruction loss to train on when it is not `fvu` (a Matryoshka SAE's mean FVU over its
+    nested prefixes); None: train on `fvu`."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DictionaryConfig:
@@ -329,8 +333,8 @@ def read_tensors(
 ) -> tuple[dict[str, Tensor], int]:
     """The tensors of a dictionary's safetensors file, validated: exactly the names of `shapes`, each of
     that shape, floating point and finite (`shapes` may be a function of the file's format_version, for
-layouts that changed). Returns (tensors, the file's format_version). Every failure is
-    a DictionaryLoadError naming the file, the problem and what to do (`redo`); `said[name]` tells where a
+    layouts that changed). Returns (tensors, the file's format_version). Every failure is a
+    DictionaryLoadError naming the file, the problem and what to do (`redo`); `said[name]` tells where a
     tensor's expected shape comes from (e.g. "cfg.json says n_features=2048 x d_in=128")."""
     if not path.is_file():
         raise DictionaryLoadError(f"{path}: the file is missing (its {CFG_FILE} is there); {redo}")

@@ -1,7 +1,8 @@
 """The TopK SAE training step, shared by `training/train_sae.py` and the benchmarks.
 
-loss = FVU (normalised space) + aux_coef x AuxK loss; after each step the decoder rows are put back on
-the unit sphere, and the part of their gradient that would only change their norm is removed first.
+loss = FVU (normalised space; for a Matryoshka SAE the mean FVU over its prefixes) + aux_coef x AuxK
+loss; after each step the decoder rows are put back on the unit sphere, and the part of their gradient
+that would only change their norm is removed first.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, x: Tensor, *, clip_grad:
     """
     sae: TopKSAE = getattr(model, "module", model)
     out = model(x)
-    loss = out.fvu + sae.cfg.aux_coef * out.aux_loss if sae.cfg.aux_k else out.fvu
+    reconstruction = out.fvu if out.loss is None else out.loss  # a Matryoshka SAE's loss covers its prefixes
+    loss = reconstruction + sae.cfg.aux_coef * out.aux_loss if sae.cfg.aux_k else reconstruction
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()

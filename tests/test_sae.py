@@ -91,6 +91,10 @@ def test_config_json_round_trip():
         ({"format_version": 99}, "format_version 99 is newer"),
         ({"k": 99}, "k=99 exceeds n_features=32"),
         ({"normalization": "zca"}, "normalization must be"),
+        ({"matryoshka": [8, 4]}, "matryoshka must be increasing whole widths"),
+        ({"matryoshka": [0, 8]}, "matryoshka must be increasing"),
+        ({"matryoshka": [8, 32]}, "between 0 and n_features=32"),
+        ({"matryoshka": [8.5]}, "matryoshka must be increasing whole widths"),
     ],
 )
 def test_config_errors_say_what_is_wrong(change, words):
@@ -299,7 +303,7 @@ def edit_cfg(**change):
             r"W_enc has shape \[64, 8\] but cfg.json says n_features=64 x d_in=16",
         ),
         (edit_weights(lambda t: t.pop("b_dec")), "sae.safetensors", r"missing tensors \['b_dec'\]"),
-        (edit_cfg(format_version=2), "cfg.json", "format_version 2 is newer.*upgrade fluxsae"),
+        (edit_cfg(format_version=3), "cfg.json", "format_version 3 is newer.*upgrade fluxsae"),
         (edit_cfg(colour="red"), "cfg.json", "unknown SAE config keys"),
         (lambda f: (f / "cfg.json").write_text('{"d_in": 16,'), "cfg.json", "not valid JSON"),
     ],
@@ -310,6 +314,18 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path, damage, file, words
     with pytest.raises(DictionaryLoadError, match=words) as err:
         TopKSAE.load(folder)
     assert str(folder / file) in str(err.value)
+
+
+def test_a_version_1_folder_loads_as_a_plain_topk_sae(tmp_path):
+    sae, folder = saved(tmp_path)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["format_version"] == 2 and cfg["matryoshka"] == []
+    del cfg["matryoshka"]
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    back = TopKSAE.load(folder)
+    assert back.cfg.matryoshka == () and back.cfg.format_version == 1
+    x = torch.randn(5, 16, generator=gen(1))
+    torch.testing.assert_close(back.encode(x), sae.encode(x))
 
 
 def test_load_from_a_folder_that_does_not_exist(tmp_path):
@@ -358,6 +374,44 @@ def train_on_world(normalization="standardize", aux_k=64, steps=600, batch=512, 
 @pytest.fixture(scope="module")
 def trained():
     return train_on_world()
+
+
+def prefix_fvu(sae: TopKSAE, x: torch.Tensor, width: int) -> float:
+    """FVU (raw space) of x rebuilt from the SAE's codes restricted to its first `width` features."""
+    with torch.no_grad():
+        codes = sae.encode(x)
+        codes[..., width:] = 0
+        x_hat = sae.decode(codes)
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not():
+    """Tokens are 3 of 128 directions drawn with Zipf frequencies. The same run with and without nested
+    prefixes: only the Matryoshka loss makes the first 16 and 64 features a dictionary of their own (the
+    most frequent directions), at a small cost on the whole one."""
+    d, n_true = 32, 128
+    dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen(0)), dim=1)
+    zipf = 1 / torch.arange(1, n_true + 1).double() ** 1.2
+
+    def sample(n, g):
+        idx = torch.multinomial(zipf.expand(n, -1), 3, replacement=False, generator=g)
+        coef = torch.rand(n, 3, generator=g, dtype=F64) + 0.5
+        return torch.zeros(n, n_true, dtype=F64).scatter_add(1, idx, coef) @ dirs.double()
+
+    held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
+    results = {}
+    for prefixes in ((), (16, 64)):
+        cfg = SAEConfig(d_in=d, n_features=n_true, k=3, aux_k=32, dead_after_tokens=2048, matryoshka=prefixes)
+        sae = TopKSAE(cfg, generator=gen(7), dtype=F64)
+        sae.fit_normalization(fit).init_b_dec_from_data(fit)
+        opt, batches = make_optimizer(sae, 5e-3), gen(1)  # both runs see the same batches
+        for _ in range(300):
+            train_step(sae, opt, sample(512, batches), clip_grad=10.0)
+        sae.eval()
+        results[prefixes] = {w: prefix_fvu(sae, held_out, w) for w in (16, 64, n_true)}
+    plain, nested = results[()], results[(16, 64)]
+    assert nested[16] < plain[16] - 0.2 and nested[64] < plain[64] - 0.1, results
+    assert nested[n_true] < plain[n_true] + 0.05, results
 
 
 def test_training_learns_the_sparse_dictionary(trained):

@@ -60,6 +60,9 @@ class TrainConfig:
     norm_sample: int = 65_536
     """Training tokens drawn at random (seeded by `seed`) to fit the normalisation, initialise the
     decoder bias and measure the mean token norm; only these rows are read from disk."""
+    matryoshka: tuple[int, ...] = ()
+    """Matryoshka prefix widths (e.g. 16,128,512): the first m features must also reconstruct alone,
+    which keeps general features general (`SAEConfig.matryoshka`); empty: a plain TopK SAE."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
     dead_after_tokens: int = 2_000_000
@@ -92,7 +95,7 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
     sae_cfg = SAEConfig(
         d_in=store.dim(cfg.site), n_features=cfg.n_features, k=cfg.k, site=cfg.site,
         base_model=harvest["model"], base_revision=harvest.get("revision"), normalization=cfg.normalization,
-        aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens,
+        aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens, matryoshka=tuple(cfg.matryoshka),
         mean_token_norm=sample.norm(dim=-1).mean().item(), steps=tuple(harvest["steps"]),
         resolution=(gen["height"], gen["width"]), dtype=harvest["dtype"],
         quantization=harvest.get("quantization"),
