@@ -15,8 +15,11 @@ hits all alike. Reports, after warm-up
     python benchmarks/sae_speed.py --acts shard-*.safetensors --acts-key acts/transformer_blocks.3.image
     python benchmarks/sae_speed.py --device cuda --d-in 3072 --n-features 65536 --k 64
 
-On CUDA sparsify runs as it ships (bf16 autocast in its forward, Triton decoder when installed)
-while ours runs in float32, so a GPU comparison is of the two defaults, not of equal arithmetic.
+Both run in one precision (`--precision`): "fp32" (the default) runs sparsify's forward without the
+bf16 CUDA autocast it is decorated with, so both do the same float32 arithmetic; "bf16" runs both
+under `torch.autocast(device, bfloat16)` (sparsify as it ships on CUDA; our encoder matmul then runs in
+bf16 too, gradients and the optimiser stay float32). sparsify's Triton decoder is used when installed.
+`benchmarks/flux_gpu.py` runs this at FLUX.1's d 3072, 65,536 features, k 64 in both precisions.
 """
 
 from __future__ import annotations
@@ -86,10 +89,17 @@ def build_theirs(d_in: int, n_features: int, k: int, first_batch: torch.Tensor):
     return sc
 
 
-def their_step(sc, opt, x: torch.Tensor, since_fired: torch.Tensor) -> float:
+def their_forward(sc, x: torch.Tensor, precision: str = "fp32"):
+    """sparsify's forward: in "fp32" without the bf16 CUDA autocast its `forward` is wrapped in."""
+    if precision == "fp32":
+        return type(sc).forward.__wrapped__(sc, x)
+    return sc(x)
+
+
+def their_step(sc, opt, x: torch.Tensor, since_fired: torch.Tensor, precision: str = "fp32") -> float:
     """One step of sparsify's Trainer with loss_fn="fvu", auxk off (trainer.py, in its order)."""
     sc.set_decoder_norm_to_unit_norm()
-    out = sc(x)
+    out = their_forward(sc, x, precision)
     did_fire = torch.zeros_like(since_fired, dtype=torch.bool)
     did_fire[out.latent_indices.flatten()] = True
     fvu = float(out.fvu.detach())
@@ -147,6 +157,12 @@ def main(argv=None) -> dict:
     p.add_argument("--n-true", type=int, default=4096, help="synthetic data: true directions")
     p.add_argument("--k-true", type=int, default=16, help="synthetic data: active directions per token")
     p.add_argument("--held-out", type=int, default=16384, help="synthetic data: held-out tokens")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32: both in float32; bf16: both under bf16 autocast (see above)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both steps")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -172,16 +188,29 @@ def main(argv=None) -> dict:
     their_opt = torch.optim.Adam(theirs.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-10, fused=True)
     since_fired = torch.zeros(args.n_features, dtype=torch.long, device=device)
 
-    # The three timed things rotate their order every step, so load from elsewhere hits all alike.
+    # The timed things rotate their order every step, so load from elsewhere hits all alike. The dense
+    # matmuls run in the step's precision: under bf16 autocast in bf16, like both encoders.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     times: dict[str, list[float]] = {"ours": [], "theirs": [], "matmul": [], "matmul_out": []}
-    buf = torch.empty(args.batch, args.n_features, device=device)
+    buf = torch.empty(args.batch, args.n_features, device=device, dtype=mm_dtype)
+
+    def ours_step(x):
+        with autocast:
+            return train_step(ours, our_opt, x)
+
+    def theirs_step(x):
+        with autocast:
+            return their_step(theirs, their_opt, x, since_fired, args.precision)
+
     for step in range(args.steps):
         x = sample(args.batch)
         W = ours.W_enc.detach()
-        jobs = [("ours", lambda x=x: train_step(ours, our_opt, x)),
-                ("theirs", lambda x=x: their_step(theirs, their_opt, x, since_fired)),
-                ("matmul", lambda x=x, W=W: x @ W.T),
-                ("matmul_out", lambda x=x, W=W: torch.mm(x, W.T, out=buf))]  # fmt: skip
+        xm, Wm = x.to(mm_dtype), W.to(mm_dtype)
+        jobs = [("ours", lambda x=x: ours_step(x)),
+                ("theirs", lambda x=x: theirs_step(x)),
+                ("matmul", lambda x=xm, W=Wm: x @ W.T),
+                ("matmul_out", lambda x=xm, W=Wm: torch.mm(x, W.T, out=buf))]  # fmt: skip
         shift = step % len(jobs)
         for name, fn in jobs[shift:] + jobs[:shift]:
             ms = timed_ms(fn, device)
@@ -190,8 +219,8 @@ def main(argv=None) -> dict:
 
     if args.profile:
         x = sample(args.batch)
-        profile("ours", lambda: train_step(ours, our_opt, x))
-        profile("theirs (sparsify)", lambda: their_step(theirs, their_opt, x, since_fired))
+        profile("ours", lambda: ours_step(x))
+        profile("theirs (sparsify)", lambda: theirs_step(x))
 
     ours.eval()
     our_step, their_step_ms, matmul_ms, matmul_out_ms = (
@@ -216,7 +245,7 @@ def main(argv=None) -> dict:
         "train_tokens": args.steps * args.batch,
         "held_out_fvu": {
             "ours": held_out_fvu(lambda xb: ours(xb).x_hat, held_out),
-            "theirs": held_out_fvu(lambda xb: theirs(xb).sae_out, held_out),
+            "theirs": held_out_fvu(lambda xb: their_forward(theirs, xb).sae_out.float(), held_out),
         },
         "dead_fraction": {
             "ours": ours.dead_fraction(),
@@ -233,7 +262,8 @@ def main(argv=None) -> dict:
 def print_table(r: dict) -> None:
     c = r["config"]
     print(f"\nd_in={c['d_in']} n_features={c['n_features']} k={c['k']} batch={c['batch']} "
-          f"threads={c['threads']} steps={c['steps']} ({r['train_tokens']:,} tokens)")  # fmt: skip
+          f"threads={c['threads']} steps={c['steps']} ({r['train_tokens']:,} tokens) "
+          f"{c['precision']}")  # fmt: skip
     print(f"{'':28s}{'ours':>12s}{'sparsify':>12s}{'ratio':>10s}")
     print(f"{'step (median ms)':28s}{r['step_ms']['ours']:12.2f}{r['step_ms']['theirs']:12.2f}"
           f"{r['speedup']:9.2f}x")  # fmt: skip

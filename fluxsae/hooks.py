@@ -9,6 +9,18 @@ Which denoising step is running is read from the pipeline's scheduler: FluxPipel
 once per step, so `scheduler.step_index` is the step (None on step 0). With `true_cfg_scale > 1`
 the transformer runs twice per step, first on the prompt ("cond"), then on the negative prompt
 ("uncond"); the pass is told apart by counting calls within a step.
+
+Recording a CUDA site into CPU memory (`capture`'s default) must not stall the GPU: at FLUX.1's
+1024 px a site is [batch, 4096, 3072] per step, and a plain `.to("cpu")` makes the host wait for every
+queued kernel, copy while the GPU idles, then queue the next block's kernels late. So each recorded
+tensor is cast on the GPU (when a storage dtype is asked for) and copied into pinned (page-locked) CPU
+memory with `non_blocking=True`, queued on the stream behind the block that made it; the host
+synchronises once, with the event of the last copy, when the `with` block ends or a result is first
+read (the step's noise level too is kept as a device scalar until then). Same bytes, same dtype
+conversion (round to nearest even, as on the CPU), so the values are bit-identical. Pinned memory
+rather than buffering on the GPU, because it takes no GPU memory (a 1024 px, 4-step, batch-16
+capture of two sites is 3 GiB) and the copies overlap the next steps. On CPU nothing changes: one
+synchronous copy per step.
 """
 
 from __future__ import annotations
@@ -34,8 +46,8 @@ class StepTracker:
     generation: int = -1
     step: int = 0
     pass_index: int = 0
-    sigma: float = float("nan")
     _timesteps: object = None
+    _sigma: object = None  # the timestep the transformer got: a 0-d tensor (read lazily: no sync) or None
 
     def before_transformer(self, module, args, kwargs) -> None:
         timesteps = getattr(self.scheduler, "timesteps", None)
@@ -51,11 +63,20 @@ class StepTracker:
             self.pass_index = 0
         self.step = step
         t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        self.sigma = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float("nan")
+        self._sigma = t.detach().flatten()[0] if isinstance(t, torch.Tensor) else None
+
+    @property
+    def sigma(self) -> float:
+        """The noise level of the running step (reading it waits for the GPU)."""
+        return _as_float(self._sigma)
 
     @property
     def pass_name(self) -> str:
         return _PASS_NAMES[min(self.pass_index, 1)]
+
+
+def _as_float(t) -> float:
+    return float(t) if t is not None else float("nan")
 
 
 def _check_pass(cfg_pass: str) -> None:
@@ -99,7 +120,19 @@ class Captured(Mapping):
     sites: tuple[Site, ...]
     cfg_pass: str
     _data: dict = field(default_factory=dict)  # (site, generation) -> {step: tensor [batch, tokens, d]}
-    _sigmas: dict = field(default_factory=dict)  # (generation, step) -> sigma
+    _sigmas: dict = field(default_factory=dict)  # (generation, step) -> sigma (a 0-d tensor or None)
+    _pending: list = field(default_factory=list)  # CUDA events of copies not yet known to be done
+
+    def _wait(self) -> None:
+        """Block until every queued device-to-host copy has landed (events complete in stream order,
+        so waiting on the last one of each stream is enough)."""
+        if self._pending:
+            last = {}
+            for event, stream in self._pending:
+                last[stream] = event
+            for event in last.values():
+                event.synchronize()
+            self._pending.clear()
 
     def _generations(self, site: Site) -> list[dict[int, torch.Tensor]]:
         return [v for (s, _), v in sorted(self._data.items(), key=lambda kv: kv[0][1]) if s == site]
@@ -112,7 +145,9 @@ class Captured(Mapping):
     @property
     def sigmas(self) -> torch.Tensor:
         gens = sorted({g for g, _ in self._sigmas})
-        return torch.tensor([self._sigmas[(gens[0], s)] for s in self.steps]) if gens else torch.empty(0)
+        if not gens:
+            return torch.empty(0)
+        return torch.tensor([_as_float(self._sigmas[(gens[0], s)]) for s in self.steps])
 
     @property
     def n_generations(self) -> int:
@@ -122,6 +157,7 @@ class Captured(Mapping):
         key = site if isinstance(site, Site) else next((s for s in self.sites if str(s) == site), None)
         if key not in self.sites:
             raise KeyError(f"Site {site!r} was not captured; captured sites: {[str(s) for s in self.sites]}.")
+        self._wait()
         gens = self._generations(key)
         if not gens:
             raise KeyError(
@@ -180,11 +216,9 @@ def capture(
                 def record(module, args, kwargs, output, site=site):
                     if tracker.pass_name != cfg_pass or (keep is not None and tracker.step not in keep):
                         return None
-                    h = output[site.output_position].detach()
-                    # clone: a single block's image stream is a view into the joint sequence.
-                    h = h.to(device=device or h.device, dtype=dtype or h.dtype, copy=True)
+                    h = _store(output[site.output_position].detach(), device, dtype, result._pending)
                     result._data.setdefault((site, tracker.generation), {})[tracker.step] = h
-                    result._sigmas[(tracker.generation, tracker.step)] = tracker.sigma
+                    result._sigmas[(tracker.generation, tracker.step)] = tracker._sigma
                     return None
 
                 handles.append(block.register_forward_hook(record, with_kwargs=True))
@@ -192,6 +226,27 @@ def capture(
         finally:
             for h in handles:
                 h.remove()
+            result._wait()
+
+
+def _store(h: torch.Tensor, device, dtype, pending: list) -> torch.Tensor:
+    """A copy of `h` on `device` in `dtype` (None: keep `h`'s). From CUDA to the CPU the copy goes into
+    pinned memory without blocking, and its event is appended to `pending` (see the module docstring)."""
+    target = torch.device(device) if device is not None else h.device
+    dtype = dtype or h.dtype
+    if h.device.type != "cuda" or target.type != "cpu":
+        # clone: a single block's image stream is a view into the joint sequence.
+        return h.to(device=target, dtype=dtype, copy=True)
+    # No clone on the GPU: the copy is queued on the stream before any later kernel, so it reads h
+    # before anything can overwrite it, and the caching allocator reuses freed memory in stream order.
+    src = h if h.dtype == dtype else h.to(dtype)
+    out = torch.empty(src.shape, dtype=dtype, device="cpu", pin_memory=True)
+    out.copy_(src, non_blocking=True)
+    stream = torch.cuda.current_stream(src.device)
+    event = torch.cuda.Event()
+    event.record(stream)
+    pending.append((event, stream))
+    return out
 
 
 EditFn = Callable[[torch.Tensor, int], torch.Tensor]

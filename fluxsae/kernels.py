@@ -7,6 +7,8 @@ over dictionary rows. `block_rows` is the one policy for how many token rows a b
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +34,28 @@ def block_rows(row_elems: int, like: Tensor, *, min_rows: int = 1, cpu_bytes: in
     row_bytes = max(1, row_elems * like.element_size())
     budget = cpu_bytes if like.device.type == "cpu" else GPU_BLOCK_BYTES
     return max(min_rows, budget // row_bytes)
+
+
+def topk_rows(pre: Tensor, k: int, out: tuple[Tensor, Tensor]) -> None:
+    """`torch.topk(pre, k, sorted=False, out=out)` for pre [rows, n], faster on CPU when n >> k.
+
+    Columns are split into G strided groups ({c, c + n/G, c + 2n/G, ...}: their maxima are one
+    elementwise max over G contiguous slices, which vectorises); the k groups with the largest maxima
+    hold every top-k element (each of those k maxima is an element at least as large as the k-th
+    largest group maximum, so no element below it is in the top k), and the top k of their k x G members
+    are the answer. The same values as torch.topk; among tied values either may pick other indices.
+    """
+    rows, n = pre.shape
+    G = 1 << max(2, min(4, round(math.log2(max(1.0, n / max(k, 1))) / 2)))  # ~ sqrt(n / k), 4-16
+    if pre.device.type != "cpu" or n % G or n // G < 2 * k:
+        torch.topk(pre, k, sorted=False, out=out)
+        return
+    m = n // G
+    _, groups = pre.view(rows, G, m).amax(1).topk(k, sorted=False)  # [rows, k] of the m groups
+    cols = (groups.unsqueeze(2) + torch.arange(0, n, m, device=pre.device)).view(rows, k * G)
+    values, local = pre.gather(1, cols).topk(k, sorted=False)
+    out[0].copy_(values)
+    torch.gather(cols, 1, local, out=out[1])
 
 
 def scatter_rows(indices: Tensor, weights: Tensor, table: Tensor, n: int) -> Tensor:
@@ -82,13 +106,23 @@ class FusedEncoder(torch.autograd.Function):
         top_acts, aux_acts = x.new_empty(N, k), x.new_empty(N, k_aux)
         top_idx = torch.empty(N, k, dtype=torch.long, device=x.device)
         aux_idx = torch.empty(N, k_aux, dtype=torch.long, device=x.device)
-        chunk = block_rows(n, x, min_rows=256)
-        buf = x.new_empty(min(chunk, N), n)
-        Wt = W.t()
+        xc, Wc, bc = x, W, b
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast the encoder matmul runs in the autocast dtype (as sparsify's F.linear does): an
+            # `out=` matmul is not cast by autocast itself. Gradients stay in the parameters' dtype.
+            dt = torch.get_autocast_dtype(x.device.type)
+            xc, Wc, bc = x.to(dt), W.to(dt), b.to(dt)
+        chunk = block_rows(n, xc, min_rows=256)
+        buf = xc.new_empty(min(chunk, N), n)
+        Wt = Wc.t()
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
-            pre = torch.addmm(b, x[s:e], Wt, out=buf[: e - s])
-            torch.topk(pre, k, sorted=False, out=(top_acts[s:e], top_idx[s:e]))
+            pre = torch.addmm(bc, xc[s:e], Wt, out=buf[: e - s])
+            if pre.dtype == x.dtype:
+                topk_rows(pre, k, out=(top_acts[s:e], top_idx[s:e]))
+            else:
+                values, top_idx[s:e] = pre.topk(k, sorted=False)
+                top_acts[s:e] = values
             if k_aux:
                 acts, local = torch.index_select(pre, 1, dead).topk(k_aux, sorted=False)
                 aux_acts[s:e], aux_idx[s:e] = acts, dead[local]
@@ -138,5 +172,3 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_W = scatter_rows(indices, acts, grad_out, W.shape[0])
         return grad_acts, None, grad_W
-
-

@@ -131,6 +131,51 @@ def test_storage_dtype(tiny_pipe):
     assert acts[IMG].dtype == torch.bfloat16 and acts[IMG].device.type == "cpu"
 
 
+def test_recorded_values_are_copies_that_later_in_place_changes_do_not_reach(tiny_pipe):
+    """What capture keeps is a copy: a later hook that overwrites the block's output in place (a single
+    block's image stream is a view into its joint sequence) leaves the recording as the block made it."""
+    sites = ["single_transformer_blocks.1.image", "single_transformer_blocks.1.text"]  # the last block
+    with capture(tiny_pipe, sites) as reference:
+        generate(tiny_pipe)
+
+    def zero(module, args, kwargs, output):
+        for t in output:
+            t.mul_(0)
+
+    with capture(tiny_pipe, sites) as acts:  # capture's hook runs first: it was registered first
+        handle = tiny_pipe.transformer.single_transformer_blocks[1].register_forward_hook(
+            zero, with_kwargs=True
+        )
+        try:
+            generate(tiny_pipe)
+        finally:
+            handle.remove()
+        inside = acts[sites[0]].clone()  # readable inside the block too
+    for site in sites:
+        assert acts[site][0].abs().sum() > 0
+        # step 0 of the last block: recorded before the zeroing changed anything
+        assert torch.equal(acts[site][0], reference[site][0])
+        assert not torch.equal(acts[site][1], reference[site][1])  # the zeroing did change the generation
+    assert torch.equal(inside, acts[sites[0]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, non-blocking path runs on CUDA only")
+def test_cuda_sites_are_copied_into_pinned_memory_bit_identically():
+    pipe = tiny_flux_pipeline(seed=0).to("cuda")
+    sites = [IMG, TXT, "single_transformer_blocks.1.image"]
+    for dtype in (None, torch.bfloat16):
+        with capture(pipe, sites, dtype=dtype) as to_cpu:
+            generate(pipe)
+        with capture(pipe, sites, device=None, dtype=dtype) as on_gpu:
+            generate(pipe)
+        stored = [t for steps in to_cpu._data.values() for t in steps.values()]
+        assert stored and all(t.device.type == "cpu" and t.is_pinned() for t in stored)
+        for site in sites:
+            assert on_gpu[site].device.type == "cuda"
+            assert torch.equal(to_cpu[site], on_gpu[site].cpu())
+        assert torch.equal(to_cpu.sigmas, on_gpu.sigmas)
+
+
 def test_bad_sites_fail_before_generation(tiny_pipe):
     with pytest.raises(ValueError, match="valid indices 0-1"):
         with capture(tiny_pipe, ["transformer_blocks.5.image"]):

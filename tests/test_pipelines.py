@@ -186,3 +186,109 @@ def test_quantize_linear_nf4_counts_and_is_idempotent():
     y = model(x)
     assert quantize_linear_nf4_(model) == 0
     assert torch.equal(model(x), y)
+
+
+# -- FLUX.1 from its configs with random weights (fluxsae.flux.random_flux_pipeline) ----------------
+
+SMALL_FLUX = {
+    "transformer": {"num_layers": 2, "num_single_layers": 1, "num_attention_heads": 2,
+                    "attention_head_dim": 32, "axes_dims_rope": [8, 12, 12]},
+    "text_encoder": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                     "projection_dim": 32, "num_attention_heads": 2, "vocab_size": 256},
+    "text_encoder_2": {"num_layers": 1, "d_model": 48, "d_ff": 64, "num_heads": 2, "d_kv": 16,
+                       "vocab_size": 256},
+    "vae": {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
+            "latent_channels": 4},
+}  # fmt: skip
+"""FLUX.1-schnell at reduced depth and width: T5 (48) and CLIP (32) widths differ from the transformer's (64),
+so a width that did not follow its encoder would fail in the first generation."""
+
+
+@pytest.fixture(scope="module")
+def meta_schnell():
+    from fluxsae.flux import random_flux_pipeline
+
+    return random_flux_pipeline(device="meta", dtype=torch.bfloat16)
+
+
+def test_full_size_flux1_on_the_meta_device_has_flux1s_parameters(meta_schnell):
+    from diffusers import FluxPipeline
+
+    from fluxsae.flux import parameter_counts
+    from fluxsae.heatmap import token_grid
+    from fluxsae.sites import all_sites, site_dim
+
+    pipe = meta_schnell
+    assert isinstance(pipe, FluxPipeline)
+    # FLUX.1-schnell's published sizes: the 11.9B transformer, T5-XXL's 4.76B encoder, CLIP-L, the VAE.
+    assert parameter_counts(pipe) == {"transformer": 11_891_178_560, "text_encoder_2": 4_762_310_656,
+                                      "text_encoder": 123_060_480, "vae": 83_819_683}  # fmt: skip
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in pipe.transformer.parameters())
+    assert weight_bytes(pipe.transformer) == 2 * 11_891_178_560
+    assert len(all_sites(pipe.transformer)) == (19 + 38) * 2
+    assert site_dim(pipe.transformer, "single_transformer_blocks.37.image") == 3072
+    assert token_grid(pipe, 256, 256) == (16, 16) and token_grid(pipe, 1024, 1024) == (64, 64)
+    assert pipe.tokenizer.model_max_length == 77 and pipe.tokenizer_2.model_max_length == 512
+    assert not pipe.transformer.config.guidance_embeds and pipe.scheduler.config.shift == 1.0
+
+
+def test_dev_is_built_with_guidance_and_a_resolution_dependent_schedule():
+    from fluxsae.flux import random_flux_pipeline
+
+    pipe = random_flux_pipeline("black-forest-labs/FLUX.1-dev", overrides=SMALL_FLUX)
+    assert pipe.transformer.config.guidance_embeds and pipe.scheduler.config.use_dynamic_shifting
+    g = torch.Generator().manual_seed(0)
+    latents = pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=8,
+                   guidance_scale=3.5, generator=g, output_type="latent").images  # fmt: skip
+    assert latents.shape == (1, 16, 16) and torch.isfinite(latents).all()
+
+
+def test_reduced_random_flux1_generates_is_seeded_and_round_trips_through_a_folder(tmp_path):
+    from fluxsae.flux import random_flux_pipeline
+
+    pipe = random_flux_pipeline(overrides=SMALL_FLUX, seed=3)
+    assert pipe.transformer.inner_dim == 64 and pipe.transformer.config.joint_attention_dim == 48
+    args = dict(height=64, width=64, num_inference_steps=2, max_sequence_length=8, guidance_scale=0.0)
+    with capture(pipe, ["transformer_blocks.1.image", "single_transformer_blocks.0.text"]) as acts:
+        image = pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).images[0]
+    assert image.size == (64, 64)  # decoded by FLUX.1's (narrowed) VAE: x8, 16 latent channels -> 4 here
+    assert acts["transformer_blocks.1.image"].shape == (2, 1, 16, 64)  # 64 px -> 4 x 4 image tokens
+    assert acts["single_transformer_blocks.0.text"].shape == (2, 1, 8, 64)
+    same, other = (
+        random_flux_pipeline(overrides=SMALL_FLUX, seed=3),
+        random_flux_pipeline(overrides=SMALL_FLUX),
+    )
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        a, b, c = (getattr(p, name).state_dict() for p in (pipe, same, other))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    mine, theirs = pipe.transformer.state_dict(), other.transformer.state_dict()
+    assert not all(torch.equal(mine[k], theirs[k]) for k in mine)
+    pipe.save_pretrained(tmp_path / "random")
+    loaded = load_pipeline(tmp_path / "random", device="cpu")
+    loaded.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(
+        loaded("a red circle", generator=g, output_type="latent", **args).images,
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", **args).images,
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+
+
+def test_bad_overrides_say_what_is_wrong():
+    from fluxsae.flux import apply_overrides, flux1_configs, overrides_from, random_flux_pipeline
+
+    with pytest.raises(ValueError, match="Unknown component 'unet'"):
+        random_flux_pipeline(overrides={"unet": {"num_layers": 1}}, device="meta")
+    with pytest.raises(ValueError, match=r"transformer has no field\(s\) \['num_layer'\]"):
+        random_flux_pipeline(overrides={"transformer": {"num_layer": 1}}, device="meta")
+    with pytest.raises(ValueError, match="must sum to attention_head_dim 32"):
+        apply_overrides(flux1_configs(), {"transformer": {"attention_head_dim": 32}})
+    with pytest.raises(KeyError, match="No stored config"):
+        flux1_configs("black-forest-labs/FLUX.2")
+    assert overrides_from(["vae.block_out_channels=[8,16]", "transformer.num_layers=2", "x.y=name"]) == {
+        "vae": {"block_out_channels": [8, 16]},
+        "transformer": {"num_layers": 2},
+        "x": {"y": "name"},
+    }
+    with pytest.raises(ValueError, match="COMPONENT.FIELD=VALUE"):
+        overrides_from(["num_layers=2"])

@@ -64,6 +64,8 @@ class HarvestConfig:
     """The dataset's split."""
     n_prompts: int | None = 1000
     """Prompts to harvest (None: every line of a --prompts file)."""
+    skip_prompts: int = 0
+    """Prompts of the source to pass over first (a second harvest of other prompts, e.g. for autointerp)."""
     prompt_seed: int = 1
     """Seed of the Shapes scenes (not of the noise)."""
     seed: int = 0
@@ -101,8 +103,11 @@ def load_prompts(args) -> list[dict]:
     """[{"prompt", ...}] from the Shapes world, a text file or a Hugging Face dataset."""
     if args.n_prompts is None and (args.prompts == "shapes" or not args.prompts):
         raise SystemExit("--n-prompts none reads every line of a --prompts file; say how many otherwise.")
+    skip = getattr(args, "skip_prompts", 0)
+    if skip < 0:
+        raise SystemExit(f"--skip-prompts must be >= 0, got {skip}.")
     if args.prompts == "shapes":
-        scenes = shapes.sample_scenes(args.n_prompts, seed=args.prompt_seed)
+        scenes = shapes.sample_scenes(args.n_prompts + skip, seed=args.prompt_seed)[skip:]
         return [{"prompt": shapes.caption(s), "scene": dataclasses.asdict(s)} for s in scenes]
     if args.prompts:
         path = Path(args.prompts)
@@ -113,7 +118,8 @@ def load_prompts(args) -> list[dict]:
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not lines:
             raise SystemExit(f"--prompts {path} holds no prompts.")
-        return [{"prompt": p} for p in lines[: args.n_prompts]]
+        end = None if args.n_prompts is None else skip + args.n_prompts
+        return [{"prompt": p} for p in lines[skip:end]]
     if args.dataset:
         from datasets import load_dataset
 
@@ -126,10 +132,12 @@ def load_prompts(args) -> list[dict]:
             ) from e
         if args.column not in (ds.column_names or [args.column]):
             raise SystemExit(f"{args.dataset} has no column {args.column!r}; it has {ds.column_names}.")
-        out = []
+        out, seen = [], 0
         for row in ds:
             if isinstance(row[args.column], str) and row[args.column].strip():
-                out.append({"prompt": row[args.column].strip()})
+                seen += 1
+                if seen > skip:
+                    out.append({"prompt": row[args.column].strip()})
             if len(out) >= args.n_prompts:
                 break
         return out
@@ -212,6 +220,8 @@ def main(argv=None) -> None:
         "prompt_seed": args.prompt_seed if args.prompts == "shapes" else None,
         "column": args.column if args.dataset else None, "cfg_pass": "cond",
     }  # fmt: skip
+    if args.skip_prompts:  # only when set: harvests made before the option still resume
+        config["skip_prompts"] = args.skip_prompts
     out = Path(args.out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     claim(out, "harvest.json", config, what="a harvest", flag="--out", write=rank == 0)
