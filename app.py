@@ -7,8 +7,8 @@ drawn by app_views.py, and both call the `fluxsae` library.
     python app.py --model black-forest-labs/FLUX.1-schnell --quantize nf4 --dictionaries <hub id>
 
 The model also comes from the environment variable FLUXSAE_MODEL. Everything a request does runs
-inside `fluxsae.capture` (hooks removed in `finally`) under one lock, so a failed or concurrent
-request never leaves the shared pipeline changed.
+inside `fluxsae.capture` / `steer` / `splice` (hooks removed in `finally`) under one lock, so a failed
+or concurrent request never leaves the shared pipeline changed.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 """Longer prompts are cut here before tokenising (the tokenizers truncate to far fewer tokens anyway)."""
 PACKAGED_SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
+GPU_SECONDS = 120
+"""ZeroGPU's time limit for one call that runs the pipeline."""
 FALLBACK_NOTE = (
     "The packaged Shapes model is not installed; showing a random tiny pipeline "
     "(its images are noise: use it to try the interface)."
@@ -132,12 +134,16 @@ def run(pipe, prompt, seed, site, step, defaults: Mapping) -> tuple[Image.Image,
 
 def to_display(image: Image.Image | None, px: int = DISPLAY_PX) -> Image.Image | None:
     """Enlarge small images by a whole factor with NEAREST, so each token stays a crisp square."""
-    if image is None:
+    return None if image is None else views.enlarged(image, px)
+
+
+def zero_gpu():
+    """`spaces.GPU(duration=GPU_SECONDS)` on a ZeroGPU Space (the `spaces` package importable), else None."""
+    try:
+        import spaces  # ZeroGPU: imported before any CUDA work, as it requires
+    except ImportError:
         return None
-    factor = max(1, px // max(image.size))
-    if factor == 1:
-        return image
-    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    return spaces.GPU(duration=GPU_SECONDS)
 
 
 def build_demo(
@@ -150,34 +156,35 @@ def build_demo(
 ) -> gr.Blocks:
     """The Gradio Blocks for `pipe` (model `name`); `note` is shown under the title. `dictionaries` /
     `labels`: a release ("shapes", a folder, a Hub id) with SAEs / ITDAs and their labels (default:
-    the packaged ones for the Shapes model, none otherwise)."""
+    the packaged ones for the Shapes model, none otherwise). On a ZeroGPU Space every request that
+    runs the pipeline does so under `spaces.GPU` (`zero_gpu`)."""
     defaults = dict(defaults or generation_defaults(name, pipe))
     n_steps = int(defaults["num_inference_steps"])
     sites = [str(s) for s in fluxsae.all_sites(pipe)]
     release = views.Dictionaries(dictionaries or (SHAPES if name == SHAPES else None), labels)
+    methods = release.methods()
     vocabulary = shapes.vocabulary() if name == SHAPES else []
     first_site = next((s for s in PACKAGED_SITES if s in sites and release.get(s, "SAE")), default_site(pipe))
 
     actions = make_actions(
         pipe, defaults, release, sites, vocabulary, norms=lambda *args: run(*args), check_seed=check_seed,
-        to_display=to_display, display_px=DISPLAY_PX, max_prompt_chars=MAX_PROMPT_CHARS,
+        to_display=to_display, display_px=DISPLAY_PX, max_prompt_chars=MAX_PROMPT_CHARS, gpu=zero_gpu(),
     )  # fmt: skip
-    vocabulary_note, on_generate, on_feature = (
-        actions.vocabulary_note,
-        actions.on_generate,
-        actions.on_feature,
-    )
-    on_pixel, on_search, on_steer = actions.on_pixel, actions.on_search, actions.on_steer
 
     shown = dict(type="pil", format="png", interactive=False, buttons=["download", "fullscreen"])
     examples = (
         [shapes.caption(s) for s in shapes.sample_scenes(6, seed=0)] if vocabulary else ["a red circle"]
     )
+    last_step = max(n_steps - 1, 1)
+
+    def step_slider(value, label, elem_id):
+        return views.lenient(gr.Slider(0, last_step, value=value, step=1, label=label, elem_id=elem_id))
+
     with gr.Blocks(title="fluxsae", analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# fluxsae\nGenerate an image with `{name}`, see which dictionary features (SAE or ITDA) fire "
-            "where, and steer them. At sites without a dictionary the map shows the residual stream's "
-            "per-token L2 norm."
+            f"# fluxsae\nGenerate an image with `{name}`, see which dictionary features (SAE or ITDA) or MLP "
+            "neurons fire where, and steer them. At sites without a dictionary the map shows the residual "
+            "stream's per-token L2 norm."
         )
         if note:
             gr.Markdown(f"**Note:** {note}", elem_id="note")
@@ -191,28 +198,22 @@ def build_demo(
                     gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                 )
                 site = gr.Dropdown(sites, value=first_site, label="Site", elem_id="site")
-                method = gr.Radio(list(views.METHODS), value="SAE", label="Dictionary", elem_id="method")
+                method = gr.Radio(methods, value="SAE", label="Units", elem_id="method")
                 with gr.Row():
-                    first = views.lenient(
-                        gr.Slider(
-                            0, max(n_steps - 1, 1), value=0, step=1, label="First step", elem_id="first_step"
-                        )
-                    )
-                    step = views.lenient(
-                        gr.Slider(
-                            0,
-                            max(n_steps - 1, 1),
-                            value=n_steps - 1,
-                            step=1,
-                            label="Last step",
-                            elem_id="step",
-                        )
-                    )
+                    first = step_slider(0, "First step", "first_step")
+                    step = step_slider(n_steps - 1, "Last step", "step")
                 feature = views.lenient(
                     gr.Number(value=-1, label="Feature (-1: the top one)", precision=0, elem_id="feature")
                 )
                 opacity = views.lenient(
                     gr.Slider(0, 1, value=0.55, label="Heatmap opacity", elem_id="opacity")
+                )
+                rank = gr.Radio(
+                    list(views.RANKS),
+                    value=next(iter(views.RANKS)),
+                    label="Rank features by (unusual: mass over the feature's usual mass, so background "
+                    "features that fire alike on every image sink)",
+                    elem_id="rank",
                 )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -223,7 +224,7 @@ def build_demo(
                     heat = gr.Image(label="Feature heatmap", elem_id="heatmap", **shown)
                 stats = gr.Markdown(elem_id="stats")
                 table = gr.Dataframe(
-                    headers=["feature", "label", "score", "share %"],
+                    headers=["feature", "label", "score", "share %", "x usual"],
                     label="Top features",
                     interactive=False,
                     elem_id="top_features",
@@ -234,7 +235,16 @@ def build_demo(
                 profile = gr.LinePlot(
                     x="step", y="mean activation", label="Timestep profile", elem_id="profile"
                 )
-                gallery = gr.Gallery(label="Top examples", columns=5, height=200, elem_id="examples")
+                gallery = gr.Gallery(
+                    label="Top examples", columns=5, height=200, format="png", elem_id="examples"
+                )
+                atom = gr.Gallery(
+                    label="Atom source (ITDA: the image and patch it was taken from)",
+                    columns=2,
+                    height=220,
+                    format="png",
+                    elem_id="atom_source",
+                )
             with gr.Column():
                 with gr.Row():
                     px = views.lenient(gr.Number(value=0, label="x (px)", elem_id="pixel_x"))
@@ -255,42 +265,54 @@ def build_demo(
         gr.Markdown("## Steer")
         with gr.Row():
             with gr.Column(scale=1):
-                steer_features = gr.Textbox(
-                    label="Features (ids or label words, comma-separated)", elem_id="steer_features"
-                )
+                with gr.Row(equal_height=True):
+                    add_box = gr.Textbox(
+                        label="Add features (ids or label words, comma-separated; or pick a table row)",
+                        scale=4,
+                        elem_id="steer_add",
+                    )
+                    add_button = gr.Button("Add", scale=1, min_width=60, elem_id="steer_add_button")
                 strength = views.lenient(
                     gr.Slider(
                         -20,
                         20,
                         value=DEFAULT_STRENGTH,
-                        label="Strength (add: mean token norms; "
-                        "negative suppresses. clamp: the code value, 0 ablates)",
+                        label="Strength of added features (add: mean token norms, negative suppresses; "
+                        "clamp: the code value)",
                         elem_id="strength",
                     )
                 )
-                mode = gr.Radio(["add", "clamp"], value="add", label="Mode", elem_id="mode")
+                ids = gr.State([])
+                rows, sliders, removes = [], [], []
+                for i in range(views.MAX_FEATURES):
+                    with gr.Row(visible=False, equal_height=True) as row:
+                        sliders.append(
+                            views.lenient(
+                                gr.Slider(
+                                    -20,
+                                    20,
+                                    value=DEFAULT_STRENGTH,
+                                    label="feature",
+                                    scale=5,
+                                    elem_id=f"strength_{i}",
+                                )
+                            )
+                        )
+                        removes.append(gr.Button("✕", scale=0, min_width=40, elem_id=f"remove_{i}"))
+                    rows.append(row)
+                features = gr.Textbox(  # the steering list as /steer's argument
+                    label="Features and strengths ('12: 4, 7: -2')", visible=False, elem_id="steer_features"
+                )
+                mode = gr.Radio(
+                    list(views.MODES),
+                    value="add",
+                    label="Mode (ablate: clamp every listed feature to 0)",
+                    elem_id="mode",
+                )
                 steered_steps = range(n_steps)[DEFAULT_STEPS]  # the library's default: the last steps
                 with gr.Row():
-                    steer_first = views.lenient(
-                        gr.Slider(
-                            0,
-                            max(n_steps - 1, 1),
-                            value=steered_steps[0],
-                            step=1,
-                            label="Steer from step",
-                            elem_id="steer_first",
-                        )
-                    )
-                    steer_last = views.lenient(
-                        gr.Slider(
-                            0,
-                            max(n_steps - 1, 1),
-                            value=steered_steps[-1],
-                            step=1,
-                            label="to step",
-                            elem_id="steer_last",
-                        )
-                    )
+                    steer_first = step_slider(steered_steps[0], "Steer from step", "steer_first")
+                    steer_last = step_slider(steered_steps[-1], "to step", "steer_last")
                 region = gr.ImageEditor(
                     label="Region (paint on the image; empty: everywhere)",
                     type="pil",
@@ -302,46 +324,63 @@ def build_demo(
                 with gr.Row():
                     original = gr.Image(label="Original", elem_id="original", **shown)
                     steered = gr.Image(label="Steered", elem_id="steered", **shown)
+                    spliced = gr.Image(label="Dictionary spliced in", elem_id="spliced", **shown)
                 steer_stats = gr.Markdown(elem_id="steer_stats")
 
         view = [site, method, first, step]
         gr.on(
             [button.click, prompt.submit],
-            on_generate,
-            [prompt, seed, *view, feature, opacity],
-            [image, heat, stats, table, panel, profile, gallery, words, state, region],
+            actions.on_generate,
+            [prompt, seed, *view, feature, opacity, rank],
+            [image, heat, stats, table, panel, profile, gallery, atom, words, state, region],
             api_name="generate",
             concurrency_limit=4,
         )
-        prompt.change(vocabulary_note, [prompt], [words], api_name="check_prompt", show_progress="hidden")
-        feature_outputs = [heat, panel, profile, gallery]
+        prompt.change(
+            actions.vocabulary_note, [prompt], [words], api_name="check_prompt", show_progress="hidden"
+        )
+        rank.change(actions.on_rank, [state, *view, rank], [table], api_name="top_features")
+        feature_outputs = [heat, panel, profile, gallery, atom]
         gr.on(
             [feature.submit, opacity.release],
-            on_feature,
+            actions.on_feature,
             [state, *view, feature, opacity],
             feature_outputs,
             api_name="show_feature",
         )
 
         def pick(rows, evt: gr.SelectData):
-            return int(rows.iloc[evt.index[0], 0]), f"{int(rows.iloc[evt.index[0], 0])}"
+            chosen = int(rows.iloc[evt.index[0], 0])
+            return chosen, str(chosen)
 
         for source in (table, at, found):
-            source.select(pick, [source], [feature, steer_features], api_name=False).then(
-                on_feature, [state, *view, feature, opacity], feature_outputs, api_name=False
+            source.select(pick, [source], [feature, add_box], api_name=False).then(
+                actions.on_feature, [state, *view, feature, opacity], feature_outputs, api_name=False
             )
 
         def click(evt: gr.SelectData):
             return evt.index[0], evt.index[1]
 
         image.select(click, None, [px, py], api_name=False).then(
-            on_pixel, [state, *view, px, py], [at], api_name="features_at"
+            actions.on_pixel, [state, *view, px, py], [at], api_name="features_at"
         )
-        query.submit(on_search, [query, site, method], [found], api_name="search")
-        steer_button.click(
-            on_steer,
-            [prompt, seed, site, method, steer_features, strength, mode, steer_first, steer_last, region],
-            [original, steered, steer_stats],
+        query.submit(actions.on_search, [query, site, method], [found], api_name="search")
+
+        slots = [ids, *rows, *sliders]
+        gr.on(
+            [add_button.click, add_box.submit],
+            actions.on_add,
+            [add_box, ids, strength, site, method],
+            [ids, add_box, *rows, *sliders],
+            api_name=False,
+        )
+        for i, remove in enumerate(removes):
+            remove.click(actions.on_remove(i), [ids, site, method, *sliders], slots, api_name=False)
+        gr.on([site.change, method.change], actions.on_clear, None, slots, api_name=False)
+        steer_button.click(actions.compose, [ids, *sliders], [features], api_name=False).then(
+            actions.on_steer,
+            [prompt, seed, site, method, features, strength, mode, steer_first, steer_last, region],
+            [original, steered, spliced, steer_stats],
             api_name="steer",
             concurrency_limit=4,
         )
@@ -351,8 +390,8 @@ def build_demo(
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve the app. Host and port: --host/--port, else Gradio's own
     GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (a Space sets GRADIO_SERVER_NAME=0.0.0.0), else 127.0.0.1 and the
-    first free port from 7860. On a ZeroGPU Space (the `spaces` package importable) generation runs
-    under `spaces.GPU`; elsewhere nothing changes."""
+    first free port from 7860. On a ZeroGPU Space (the `spaces` package importable) everything that runs
+    the pipeline does so under `spaces.GPU`; elsewhere nothing changes."""
     global run
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -394,20 +433,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"GRADIO_SERVER_PORT={os.environ['GRADIO_SERVER_PORT']!r} is not a port number; set it to "
                 "one (e.g. 7861) or pass --port."
             ) from None
-    try:
-        import spaces  # ZeroGPU: imported before any CUDA work, as it requires
-    except ImportError:
-        spaces = None
+    gpu = zero_gpu()  # before any CUDA work, as ZeroGPU requires
     try:
         pipe, name, note = load_app_pipeline(args.model, args.quantize)
     except PipelineLoadError as e:
         raise SystemExit(str(e)) from e
-    if spaces is not None:
+    if gpu is not None:
         # ZeroGPU attaches a GPU only inside spaces.GPU functions, run in a forked worker that receives
         # its arguments pickled: the pipeline is captured here (the fork inherits it), never passed.
+        # (The feature and steering paths are wrapped the same way in build_demo, by make_actions.)
         cpu_run = getattr(run, "_fluxsae_cpu_run", run)
 
-        @spaces.GPU(duration=120)
+        @gpu
         def generate_on_gpu(prompt, seed, site, step, defaults):
             return cpu_run(pipe, prompt, seed, site, step, defaults)
 

@@ -1,5 +1,10 @@
 """Request handlers for app.py: check the inputs, call the library under the app's lock, and hand the
-results to `app_views` for display. One factory, `make_actions`, so app.py holds only layout and wiring."""
+results to `app_views` for display. One factory, `make_actions`, so app.py holds only layout and wiring.
+
+Everything that runs the pipeline is one of three functions (`capture_units`, `steer_images`,
+`regenerate_atom`), each wrapped in `gpu` (ZeroGPU's `spaces.GPU` on a Space): they take and return
+only picklable values (never the pipeline or a dictionary, which the ZeroGPU worker inherits), and
+the lock is taken around them, outside the worker."""
 
 from __future__ import annotations
 
@@ -16,10 +21,17 @@ import torch
 
 import app_views as views
 import fluxsae
+from fluxsae.autointerp.examples import capture_mlp, stack_steps
+from fluxsae.evaluate import image_mse, splice
+from fluxsae.heatmap import token_grid
+from fluxsae.provenance import atom_source
 from fluxsae.sites import SiteError, parse_site
 from fluxsae.steering import MAX_STRENGTH
 
 logger = logging.getLogger("fluxsae.app")
+
+MAX_ATOM_SOURCES = 512
+"""Regenerated ITDA atom sources kept (each is one small image and its patch)."""
 
 
 def _user_errors(action: str):
@@ -46,13 +58,64 @@ def _user_errors(action: str):
 
 def make_actions(
     pipe, defaults: dict, release: views.Dictionaries, sites: list[str], vocabulary: list[str], *,
-    norms, check_seed, to_display, display_px: int, max_prompt_chars: int,
+    norms, check_seed, to_display, display_px: int, max_prompt_chars: int, gpu=None,
 ) -> SimpleNamespace:  # fmt: skip
     """The app's handlers for `pipe`, sharing one lock. `norms(pipe, prompt, seed, site, step, defaults)`
     draws the token-norm view used at sites without a dictionary (app.run); `check_seed`, `to_display`:
-    app.py's own."""
+    app.py's own; `gpu`: a decorator for the functions that run the pipeline (spaces.GPU), or None."""
     n_steps = int(defaults["num_inference_steps"])
+    size = (int(defaults["width"]), int(defaults["height"]))
     lock = threading.Lock()
+    on_gpu = gpu or (lambda fn: fn)
+    sources: dict[tuple[str, int], dict | None] = {}
+
+    # -- what runs the pipeline (on the GPU, on a ZeroGPU Space) ---------------------------------------
+
+    def seeded(seed: int) -> torch.Generator:
+        return torch.Generator("cpu").manual_seed(seed)
+
+    @on_gpu
+    def capture_units(prompt: str, seed: int, site: str, method: str):
+        """(image, units [steps, 1, tokens, F]): the site's residual stream, or its block's MLP neurons."""
+        with contextlib.ExitStack() as stack:
+            if views.METHODS[method] == "mlp":
+                rows, cols = token_grid(pipe, size[1], size[0])
+                hidden = stack.enter_context(capture_mlp(pipe, [site], rows * cols))
+            else:
+                acts = stack.enter_context(fluxsae.capture(pipe, [site]))
+            image = pipe(prompt, generator=seeded(seed), output_type="pil", **defaults).images[0]
+        return image, stack_steps(hidden[site], n_steps) if views.METHODS[method] == "mlp" else acts[site]
+
+    @on_gpu
+    def steer_images(prompt: str, seed: int, site: str, method: str, features: dict, steps, mask, mode: str):
+        """The plain, steered and dictionary-spliced images (arrays in [0, 1]) from one seed, the FVU on
+        the plain image's activations and the spliced generation's time."""
+        dictionary = release.get(site, method)[0]
+
+        def generate():
+            return pipe(prompt, generator=seeded(seed), output_type="np", **defaults).images
+
+        with fluxsae.capture(pipe, [site]) as acts:
+            plain = generate()
+        edit = fluxsae.steer(
+            pipe, dictionary, features, steps=steps, region=mask, mode=mode, height=size[1], width=size[0]
+        )
+        with edit:
+            steered = generate()
+        start = time.perf_counter()
+        with splice(pipe, dictionary):
+            spliced = generate()
+        spliced_ms = (time.perf_counter() - start) * 1000
+        return plain, steered, spliced, views.fvu_of(dictionary, acts[site]), spliced_ms
+
+    @on_gpu
+    def regenerate_atom(site: str, atom: int) -> dict:
+        """An ITDA atom's source image (its token outlined), patch and cosine, by `atom_source`."""
+        source = atom_source(release.get(site, "ITDA")[0], atom, pipe)
+        return {"outlined": source.outlined, "patch": source.patch, "cosine": source.cosine,
+                "provenance": source.provenance}  # fmt: skip
+
+    # -- input checks ------------------------------------------------------------------------------------
 
     def check_prompt(prompt) -> str:
         prompt = "" if prompt is None else prompt
@@ -78,90 +141,113 @@ def make_actions(
         site = str(parse_site(site))
         if site not in sites:
             raise ValueError(f"{site} is not a site of this model; pick one of the list.")
-        if method not in views.METHODS:
-            raise ValueError(f"The method must be one of {', '.join(views.METHODS)}, got {method!r}.")
+        if method not in release.methods():
+            raise ValueError(f"The method must be one of {', '.join(release.methods())}, got {method!r}.")
         entry = release.get(site, method)
         if entry is None and required:
             raise ValueError(f"There is no {method} dictionary at {site}: pick another site or method.")
         return site, entry
 
-    def generate(prompt, seed, site, method, first, last):
-        prompt, seed = check_prompt(prompt), check_seed(seed)
-        steps = step_range(first, last)
-        site, _ = entry_for(site, method, required=False)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        with lock, fluxsae.capture(pipe, [site]) as acts:
-            image = pipe(prompt, generator=generator, output_type="pil", **defaults).images[0]
-        return image, acts[site], steps
+    def steerable(site, method):
+        site, entry = entry_for(site, method)
+        if views.METHODS[method] == "mlp":
+            raise ValueError(
+                "Steering takes dictionary features (SAE or ITDA): MLP neurons have no direction in the "
+                "residual stream to add. Switch the dictionary to SAE or ITDA."
+            )
+        return site, entry
 
-    def show(entry, acts, image, feature, steps, opacity):
+    def check_rank(rank) -> str:
+        if rank not in views.RANKS:
+            raise ValueError(f"Rank by one of {', '.join(views.RANKS)}, got {rank!r}.")
+        return views.RANKS[rank]
+
+    # -- views -------------------------------------------------------------------------------------------
+
+    def source_of(site: str, method: str, feature: int) -> dict | None:
+        if views.METHODS[method] != "itda":
+            return None
+        key = (site, feature)
+        with lock:  # the pipeline's lock guards the cache too: one regeneration per atom
+            if key not in sources:
+                try:
+                    source = regenerate_atom(site, feature)
+                except ValueError as e:  # no usable provenance: the rest of the panel still shows
+                    logger.info("no source for atom %s at %s (%s)", feature, site, e)
+                    source = None
+                if len(sources) >= MAX_ATOM_SOURCES:
+                    sources.pop(next(iter(sources)))
+                sources[key] = source
+            return sources[key]
+
+    def show(entry, site, method, acts, image, feature, steps, opacity):
         dictionary, stats, labels = entry
-        feature = views.check_number(feature, "feature", 0, dictionary.n_features - 1, whole=True)
+        feature = views.check_number(feature, "feature", 0, dictionary.cfg.n_features - 1, whole=True)
         opacity = views.check_number(opacity, "opacity", 0, 1)
         heat = views.heatmap(dictionary, acts, feature, image, stats, steps, opacity, display_px)
-        panel = views.feature_panel(labels, feature, stats)
+        source = source_of(site, method, feature)
         return (
             heat,
-            panel,
+            views.feature_panel(labels, feature, stats, source),
             views.profile_plot(stats, labels, feature),
             views.examples_gallery(release, labels, feature),
+            views.atom_gallery(source, display_px),
         )
 
+    # -- handlers ----------------------------------------------------------------------------------------
+
     @_user_errors("Generation")
-    def on_generate(prompt, seed, site, method, first, last, feature, opacity):
+    def on_generate(prompt, seed, site, method, first, last, feature, opacity, rank):
         start = time.perf_counter()
         site_, entry = entry_for(site, method, required=False)
+        rank = check_rank(rank)
         if entry is None:  # no dictionary here: the residual stream's token norms, as before
             with lock:
                 image, heat, stats = norms(pipe, prompt, seed, site, last, defaults)
             empty = views.profile_plot(None, {}, 0)
-            return (
-                to_display(image),
-                to_display(heat),
-                stats,
-                [],
-                "",
-                empty,
-                [],
-                vocabulary_note(prompt),
-                None,
-                to_display(image),
-            )
-        image, acts, steps = generate(prompt, seed, site, method, first, last)
+            shown = to_display(image)
+            return shown, to_display(heat), stats, [], "", empty, [], [], vocabulary_note(prompt), None, shown
+        prompt, seed, steps = check_prompt(prompt), check_seed(seed), step_range(first, last)
         dictionary, stats_, labels = entry
-        table = views.features_table(dictionary, acts, stats_, labels, steps)
+        with lock:
+            image, acts = capture_units(prompt, seed, site_, method)
+        if acts.shape[-1] != dictionary.cfg.d_in:
+            raise ValueError(
+                f"The {method} labels at {site_} are for {dictionary.cfg.d_in} units, this model has "
+                f"{acts.shape[-1]}: they belong to another model; pass --labels for this one."
+            )
+        table = views.features_table(dictionary, acts, stats_, labels, steps, rank)
         if feature in (None, "", -1, "-1"):
             feature = table[0][0] if table else 0
-        heat, panel, profile, gallery = show(entry, acts, image, feature, steps, opacity)
-        fvu = views.fvu_of(dictionary, acts[steps])
+        heat, panel, profile, gallery, atom = show(entry, site_, method, acts, image, feature, steps, opacity)
         stats = (
             f"**{method}** at `{site_}` · feature {int(float(feature))} on steps {steps[0]}-{steps[-1]} of "
-            f"0-{n_steps - 1} · seed {check_seed(seed)} · FVU on this image {fvu:.3f} · "
+            f"0-{n_steps - 1} · seed {seed} · {views.reconstruction_note(dictionary, acts[steps])} · "
             f"{(time.perf_counter() - start) * 1000:.0f} ms"
         )
         state = {"acts": acts, "image": image, "site": site_, "method": method}
-        return (
-            to_display(image),
-            heat,
-            stats,
-            table,
-            panel,
-            profile,
-            gallery,
-            vocabulary_note(prompt),
-            state,
-            to_display(image),
-        )
+        shown = to_display(image)
+        return shown, heat, stats, table, panel, profile, gallery, atom, vocabulary_note(prompt), state, shown
 
     def from_state(state, site, method):
         if not state or state["site"] != str(parse_site(site)) or state["method"] != method:
             raise ValueError("Generate an image first (for this site and method).")
         return entry_for(site, method)[1]
 
+    @_user_errors("Ranking the features")
+    def on_rank(state, site, method, first, last, rank):
+        dictionary, stats, labels = from_state(state, site, method)
+        return views.features_table(
+            dictionary, state["acts"], stats, labels, step_range(first, last), check_rank(rank)
+        )
+
     @_user_errors("Showing the feature")
     def on_feature(state, site, method, first, last, feature, opacity):
         entry = from_state(state, site, method)
-        return show(entry, state["acts"], state["image"], feature, step_range(first, last), opacity)
+        return show(
+            entry, state["site"], method, state["acts"], state["image"], feature, step_range(first, last),
+            opacity,
+        )  # fmt: skip
 
     @_user_errors("Finding the features at a pixel")
     def on_pixel(state, site, method, first, last, x, y):
@@ -184,43 +270,93 @@ def make_actions(
     @_user_errors("Search")
     def on_search(query, site, method):
         _, entry = entry_for(site, method)
-        return [list(h) for h in views.search_labels(query, entry[2], 20)]
+        return [[f, label, round(score, 3)] for f, label, score in views.search_labels(query, entry[2], 20)]
+
+    # -- the steering list: up to MAX_FEATURES rows, one strength slider each ----------------------------
+
+    def slot_updates(ids: list[int], labels: dict, values: list, keep: int):
+        """Updates for every row (shown or hidden) and slider (label; value from `values` from row `keep`
+        on, unchanged before it) for the steering list `ids`."""
+        rows = [gr.update(visible=i < len(ids)) for i in range(views.MAX_FEATURES)]
+        sliders = []
+        for i in range(views.MAX_FEATURES):
+            if i >= len(ids):
+                sliders.append(gr.update(label="feature"))
+            elif i < keep:
+                sliders.append(gr.update())
+            else:
+                name = f"{ids[i]} · {views.label_of(labels, ids[i])[0]}"[:90]
+                sliders.append(gr.update(label=name, value=values[i]))
+        return rows, sliders
+
+    @_user_errors("Adding a feature")
+    def on_add(text, ids, default, site, method):
+        _, (dictionary, _, labels) = steerable(site, method)
+        default = views.check_number(default, "strength", -MAX_STRENGTH, MAX_STRENGTH)
+        ids = list(ids or [])
+        new = [f for f in views.find_features(text, labels, dictionary.cfg.n_features) if f not in ids]
+        if len(ids) + len(new) > views.MAX_FEATURES:
+            raise ValueError(f"Steer at most {views.MAX_FEATURES} features at once: remove one first.")
+        merged = ids + new
+        rows, sliders = slot_updates(merged, labels, [default] * len(merged), keep=len(ids))
+        return merged, "", *rows, *sliders
+
+    def on_remove(index: int):
+        def remove(ids, site, method, *values):
+            ids = list(ids or [])
+            if index >= len(ids):
+                return ids, *[gr.update()] * (2 * views.MAX_FEATURES)
+            values = list(values[: len(ids)])
+            del ids[index], values[index]
+            entry = release.get(str(parse_site(site)), method) if method in release.methods() else None
+            rows, sliders = slot_updates(ids, entry[2] if entry else {}, values, keep=index)
+            return ids, *rows, *sliders
+
+        return remove
+
+    def on_clear():
+        rows, sliders = slot_updates([], {}, [], keep=0)
+        return [], *rows, *sliders
+
+    def compose(ids, *values) -> str:
+        """The steering list as /steer's features argument: "12: 4, 7: -2"."""
+        return ", ".join(f"{f}: {float(v):g}" for f, v in zip(ids or [], values, strict=False))
 
     @_user_errors("Steering")
     def on_steer(prompt, seed, site, method, features, strength, mode, first, last, region):
         start = time.perf_counter()
         prompt, seed, steps = check_prompt(prompt), check_seed(seed), step_range(first, last)
-        site, (dictionary, _, labels) = entry_for(site, method)
-        ids = views.find_features(features, labels, dictionary.n_features)
-        if mode not in ("add", "clamp"):
-            raise ValueError(f"The mode must be 'add' or 'clamp', got {mode!r}.")
-        strength = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
-        mask = views.region_mask(region, (int(defaults["width"]), int(defaults["height"])))
+        site, (dictionary, _, labels) = steerable(site, method)
+        if mode not in views.MODES:
+            raise ValueError(f"The mode must be one of {', '.join(views.MODES)}, got {mode!r}.")
+        default = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
+        chosen = views.parse_steering(features, default, labels, dictionary.cfg.n_features, MAX_STRENGTH)
+        if mode == "ablate":
+            chosen = dict.fromkeys(chosen, 0.0)
+        mask = views.region_mask(region, size)
         with lock:
-            images = []
-            for steered in (False, True):
-                generator = torch.Generator("cpu").manual_seed(seed)
-                edit = (
-                    fluxsae.steer(
-                        pipe, dictionary, {f: strength for f in ids}, steps=steps, region=mask, mode=mode
-                    )
-                    if steered
-                    else contextlib.nullcontext()
-                )
-                with edit:
-                    images.append(pipe(prompt, generator=generator, output_type="pil", **defaults).images[0])
+            plain, steered, spliced, fvu, spliced_ms = steer_images(
+                prompt, seed, site, method, chosen, steps, mask, "clamp" if mode == "ablate" else mode
+            )
+        images = [pipe.numpy_to_pil(x)[0] for x in (plain, steered, spliced)]
         diff = np.abs(
             np.asarray(images[0], dtype=np.float32) - np.asarray(images[1], dtype=np.float32)
         ).mean()
-        named = ", ".join(f"{f} ({views.label_of(labels, f)[0]})" for f in ids)
-        stats = (
-            f"**{mode}** {strength:g} on {named} at `{site}`, steps {steps[0]}-{steps[-1]}"
-            f"{', painted region' if mask is not None else ''} · seed {seed} · mean pixel change "
-            f"{diff:.1f}/255 · {(time.perf_counter() - start) * 1000:.0f} ms"
+        named = ", ".join(
+            f"{f} ({views.label_of(labels, f)[0]})" + ("" if mode == "ablate" else f" {s:+g}")
+            for f, s in chosen.items()
         )
-        return to_display(images[0]), to_display(images[1]), stats
+        stats = (
+            f"**{mode}** {named} at `{site}`, steps {steps[0]}-{steps[-1]}"
+            f"{', painted region' if mask is not None else ''} · seed {seed} · mean pixel change "
+            f"{diff:.1f}/255 · FVU on this image {fvu:.3f} · "
+            f"{views.spliced_note(dictionary, image_mse(spliced, plain))} · "
+            f"{(time.perf_counter() - start) * 1000:.0f} ms (spliced image {spliced_ms:.0f} ms)"
+        )
+        return *(to_display(i) for i in images), stats
 
     return SimpleNamespace(
-        vocabulary_note=vocabulary_note, on_generate=on_generate, on_feature=on_feature, on_pixel=on_pixel,
-        on_search=on_search, on_steer=on_steer,
+        vocabulary_note=vocabulary_note, on_generate=on_generate, on_rank=on_rank, on_feature=on_feature,
+        on_pixel=on_pixel, on_search=on_search, on_add=on_add, on_remove=on_remove, on_clear=on_clear,
+        compose=compose, on_steer=on_steer,
     )  # fmt: skip

@@ -17,10 +17,12 @@ Does the model still work with it spliced in? (`spliced_effect`, on a pipeline a
         seed, mean squared pixel error in [0, 1].
     recovered = 1 - err_dictionary / err_mean_ablation   (1: as good as the clean model; 0: no better
     than erasing the site to its mean).
+    `splice` and `image_mse` are those two pieces on their own, for one image (the app shows them).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -129,6 +131,28 @@ def _generation_kwargs(pipe, gen: dict, seed: int) -> dict:
     return {**gen, "generator": torch.Generator(pipe.device).manual_seed(seed)}
 
 
+def _reconstruct(dictionary):
+    def reconstruct(h, step):
+        x_hat = dictionary.decode_sparse(*dictionary.encode_sparse(h.float().to(dictionary.device)))
+        return x_hat.to(h.device, h.dtype)
+
+    return reconstruct
+
+
+@contextlib.contextmanager
+def splice(pipe, dictionary, site: str | None = None) -> Iterator[None]:
+    """Within the block, `site`'s activations (default: the dictionary's site) are replaced by
+    `dictionary`'s reconstruction on every step, every token of the stream and both CFG passes, as
+    `spliced_effect` measures; the hooks are removed on exit, exceptions included."""
+    with edit_site(pipe, site or dictionary.site, _reconstruct(dictionary), cfg_pass="both"):
+        yield
+
+
+def image_mse(images: np.ndarray, clean: np.ndarray) -> float:
+    """Mean squared pixel error between images in [0, 1] (pipelines' output_type="np")."""
+    return float(np.mean((np.asarray(images, np.float64) - np.asarray(clean, np.float64)) ** 2))
+
+
 @torch.no_grad()
 def spliced_effect(
     pipe, dictionary, prompts: Sequence[str], seeds: Sequence[int], generation: dict, site: str | None = None
@@ -139,10 +163,7 @@ def spliced_effect(
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt.")
 
-    def reconstruct(h, step):
-        x_hat = dictionary.decode_sparse(*dictionary.encode_sparse(h.float().to(dictionary.device)))
-        return x_hat.to(h.device, h.dtype)
-
+    reconstruct = _reconstruct(dictionary)
     calls: list[dict] = []
     images, mean_sum, mean_n = [], None, 0
 
@@ -180,7 +201,7 @@ def spliced_effect(
         for prompt, seed, clean in zip(prompts, seeds, images, strict=True):
             with edit_site(pipe, site, fn, cfg_pass="both"):
                 out = pipe(prompt, output_type="np", **_generation_kwargs(pipe, generation, seed))
-            errs.append(float(np.mean((out.images - clean) ** 2)))
+            errs.append(image_mse(out.images, clean))
         return float(np.mean(errs))
 
     result = {

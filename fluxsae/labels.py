@@ -230,7 +230,11 @@ def load_labels(
         names = datasets.get_dataset_config_names(source, revision=revision)
         if config == "labels" and "labels" not in names and names == ["default"]:
             config = "default"
-        ds = datasets.load_dataset(source, config, split="train", revision=revision)
+        # datasets keys a folder's cache by the folder's name and the card's file patterns, not by the files:
+        # another folder of the same name (or this one, rewritten) would be served the rows cached first.
+        # (The split sizes it would check against are that first folder's too.)
+        fresh = dict(download_mode="force_redownload", verification_mode="no_checks") if local else {}
+        ds = datasets.load_dataset(source, config, split="train", revision=revision, **fresh)
     except Exception as err:  # datasets raises its own types for missing repos, offline misses, bad configs
         if local:
             raise

@@ -173,9 +173,10 @@ class UnitSummary:
                    tensors["top_scores"], tensors["top_maps"], tensors["half_acts"], tensors["image_ids"])
 
 
-class _Identity:
-    """Unit activations presented as a dictionary whose codes are the units (positive part), so
-    FeatureStatsAccumulator counts dense units too."""
+class UnitCodes:
+    """Unit activations (e.g. MLP neurons, [..., n_units]) presented as a dictionary whose codes are the
+    units' positive part, so FeatureStatsAccumulator and `fluxsae.features` (top units, heatmaps) take
+    dense units too. It has no decoder: `encode_sparse` only."""
 
     def __init__(self, site: str, n_units: int):
         self.site = site
@@ -194,7 +195,7 @@ class UnitAccumulator:
                  min_active_tokens: int = 2, fingerprint: str = ""):  # fmt: skip
         self.site, self.method, self.fingerprint = site, method, fingerprint
         self.steps = list(steps)
-        self.stats = FeatureStatsAccumulator(_Identity(site, n_units), self.steps)
+        self.stats = FeatureStatsAccumulator(UnitCodes(site, n_units), self.steps)
         self.top = TopExamples(n_units, k, min_active_tokens)
         self.halves: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []

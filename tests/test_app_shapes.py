@@ -1,0 +1,531 @@
+"""The Gradio app on the packaged Shapes model, its SAEs, ITDAs and labels, through `gradio_client` against
+the launched app and in headless Chromium. Feature ids and labels are read from the app's own answers,
+never written here: the packaged dictionaries may be retrained."""
+
+import os
+import pickle
+import re
+import shutil
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py lives at the repo root
+
+from test_app import CHROMIUM, _free_port, _hooks  # noqa: E402
+
+import app  # noqa: E402
+import app_views as views  # noqa: E402
+import fluxsae  # noqa: E402
+
+SITE, SINGLE = "transformer_blocks.3.image", "single_transformer_blocks.2.image"
+PROMPT = "a red circle at the top left on a white background"
+UNUSUAL, SHARE = "unusual for this image", "share of activation"
+
+
+def _launch(pipe, **kwargs):
+    demo = app.build_demo(pipe, "shapes", **kwargs)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def shapes_app():
+    """The app on the packaged Shapes model with its SAEs, ITDAs and labels; yields (URL, pipeline)."""
+    pipe = fluxsae.load_pipeline("shapes")
+    demo, url = _launch(pipe)
+    try:
+        yield url, pipe
+    finally:
+        demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _generate(client, prompt=PROMPT, seed=0, method="SAE", feature=-1, site=SITE, rank=UNUSUAL, first=0):
+    return client.predict(prompt, seed, site, method, first, 7, feature, 0.55, rank, api_name="/generate")
+
+
+def _steer(client, features="0", strength=5, seed=0, mode="add", first=0, last=4, prompt="a blue square",
+           method="SAE", region=None):  # fmt: skip
+    return client.predict(
+        prompt, seed, SITE, method, features, strength, mode, first, last, region, api_name="/steer"
+    )
+
+
+def _top(client, n=2, method="SAE", prompt=PROMPT) -> list[int]:
+    """The ids of the first n top features the app finds on `prompt` (never hard-coded)."""
+    return [row[0] for row in _generate(client, prompt=prompt, method=method)[3]["data"][:n]]
+
+
+def _library_image(pipe, prompt, seed, edit=None) -> np.ndarray:
+    """One generation as the app runs it, straight through the library: arrays in [0, 1]."""
+    defaults = app.generation_defaults("shapes", pipe)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with edit if edit is not None else torch.no_grad():
+        return pipe(prompt, generator=generator, output_type="np", **defaults).images
+
+
+def _shown(pipe, images) -> np.ndarray:
+    return np.asarray(app.to_display(pipe.numpy_to_pil(images)[0]).convert("RGB"))
+
+
+def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
+    url, pipe = shapes_app
+    client = _client(url)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert sorted(api) == sorted(
+        ["/generate", "/check_prompt", "/top_features", "/show_feature", "/features_at", "/search", "/steer"]
+    )
+    for info in api.values():
+        assert all(r["label"] for r in info["returns"]), info
+    image, heat, stats, table, panel, profile, gallery, atom, words, region = _generate(client)
+    assert _pixels(image).shape == (384, 384, 3) and _pixels(heat).shape[0] >= 384  # heatmap + colour bar
+    assert "FVU on this image" in stats and " ms" in stats
+    rows = table["data"]
+    assert len(rows) == 10 and all(r[1] for r in rows)  # every top feature has a label
+    assert f"Feature {rows[0][0]}" in panel and "density" in panel and gallery and atom == []
+    # Another feature of the table: its own heatmap, on the same fixed scale machinery.
+    heat2, panel2, _, _, _ = client.predict(SITE, "SAE", 0, 7, rows[3][0], 0.8, api_name="/show_feature")
+    assert f"Feature {rows[3][0]}" in panel2 and not np.array_equal(_pixels(heat), _pixels(heat2))
+    at = client.predict(SITE, "SAE", 0, 7, 40, 40, api_name="/features_at")["data"]
+    assert at and all(len(r) == 4 for r in at)
+    word = rows[0][1].split()[0]
+    found = client.predict(word, SITE, "SAE", api_name="/search")["data"]
+    assert found and all(word in r[1] for r in found)
+    # Re-ranking the same image by share of activation: the same rows' shares, largest first.
+    by_share = client.predict(SITE, "SAE", 0, 7, SHARE, api_name="/top_features")["data"]
+    shares = [r[3] for r in by_share]
+    assert shares == sorted(shares, reverse=True) and shares[0] >= max(r[3] for r in rows)
+    # ITDA at the other packaged site.
+    out = _generate(client, prompt="a red circle", site=SINGLE, method="ITDA")
+    assert "ITDA" in out[2] and out[3]["data"]
+    note = client.predict("a red circle in the top left", api_name="/check_prompt")
+    assert "`in`" in note and "does not know" in note
+    original, steered, spliced, steer_stats = _steer(client)
+    assert not np.array_equal(_pixels(original), _pixels(steered)) and "mean pixel change" in steer_stats
+    assert _hooks(pipe) == 0
+
+
+def test_lift_ranks_by_mass_over_the_usual_mass(shapes_app):
+    """rank="lift": mass / (usual mass + the mean usual mass), computed here from the feature's own
+    activations and the shipped stats' timestep profile."""
+    from fluxsae.feature_stats import load_feature_stats
+    from fluxsae.features import feature_activations, top_features
+
+    pipe = shapes_app[1]
+    sae = fluxsae.load_sae("shapes", site=SITE)
+    stats = load_feature_stats("shapes", site=SITE, kind="sae")
+    with fluxsae.capture(pipe, [SITE]) as acts:
+        _library_image(pipe, PROMPT, 0)
+    acts = acts[SITE]
+    steps = [2, 3, 4, 5]
+    top = top_features(sae, acts, stats, 10, steps=steps, rank="lift")
+    usual = stats.timestep_profile[steps].mean(0).double() * acts.shape[2]
+    for t in top:
+        mass = feature_activations(sae, acts, t.feature)[steps].mean(0).sum().item()
+        assert t.mass == pytest.approx(mass, rel=1e-4)
+    lift = [t.mass / (usual[t.feature] + usual.mean()).item() for t in top]
+    assert lift == sorted(lift, reverse=True)
+    by_mass = top_features(sae, acts, stats, 10, steps=steps)
+    assert [t.feature for t in top] != [t.feature for t in by_mass]  # the two orders differ on this image
+    with pytest.raises(ValueError, match="pass stats"):
+        top_features(sae, acts, None, rank="lift")
+
+
+def test_each_steered_feature_has_its_own_strength(shapes_app):
+    url, pipe = shapes_app
+    client = _client(url)
+    a, b = _top(client)
+    both = _steer(client, f"{a}: 6, {b}: -6")
+    assert f"{a} (" in both[3] and "+6" in both[3] and "-6" in both[3]
+    # What the library makes of {a: 6, b: -6} on the same steps (0-4), seed and prompt.
+    sae = fluxsae.load_sae("shapes", site=SITE)
+    edit = fluxsae.steer(pipe, sae, {a: 6.0, b: -6.0}, steps=range(0, 5), height=64, width=64)
+    assert np.array_equal(_pixels(both[1]), _shown(pipe, _library_image(pipe, "a blue square", 0, edit)))
+    # b's own strength matters; b at 0 is no edit at all; entries without a strength take `strength`.
+    assert not np.array_equal(_pixels(both[1]), _pixels(_steer(client, f"{a}: 6, {b}: 6")[1]))
+    alone = _pixels(_steer(client, f"{a}: 6")[1])
+    assert np.array_equal(_pixels(_steer(client, f"{b}: 0, {a}: 6")[1]), alone)
+    assert np.array_equal(_pixels(_steer(client, f"{a}, {b}: -6", strength=6)[1]), _pixels(both[1]))
+
+
+def test_ablate_clamps_every_listed_feature_to_zero(shapes_app):
+    client = _client(shapes_app[0])
+    a, b = _top(client)
+    ablated = _steer(client, f"{a}, {b}", mode="ablate", prompt=PROMPT, first=0, last=7)
+    clamped = _steer(client, f"{a}: 0, {b}: 0", mode="clamp", prompt=PROMPT, first=0, last=7)
+    assert np.array_equal(_pixels(ablated[1]), _pixels(clamped[1]))
+    assert not np.array_equal(_pixels(ablated[0]), _pixels(ablated[1]))  # they fire here: removing them shows
+    assert f"**ablate** {a} (" in ablated[3] and f"{b} (" in ablated[3]
+
+
+def test_steering_reports_the_spliced_in_error_of_this_image(shapes_app):
+    """The spliced-in image error is the library's: the image with the SAE's reconstruction spliced in at
+    the site (fluxsae.evaluate.splice) against the plain one, by fluxsae.evaluate.image_mse."""
+    from fluxsae.evaluate import image_mse, splice
+
+    url, pipe = shapes_app
+    original, steered, spliced, stats = _steer(_client(url), prompt=PROMPT)
+    sae = fluxsae.load_sae("shapes", site=SITE)
+    plain = _library_image(pipe, PROMPT, 0)
+    with_sae = _library_image(pipe, PROMPT, 0, splice(pipe, sae))
+    assert np.array_equal(_pixels(spliced), _shown(pipe, with_sae))
+    assert np.array_equal(_pixels(original), _shown(pipe, plain))
+    mse = float(re.search(r"image MSE (\d+\.\d+)", stats).group(1))
+    assert mse == pytest.approx(image_mse(with_sae, plain), abs=6e-5) and mse > 0
+    held_out = (sae.cfg.extra or {}).get("spliced")  # the build's held-out figures, when it wrote them
+    if held_out:
+        assert f"erasing the site to its mean: {held_out['image_mse_mean_ablation']:.4f}" in stats
+    else:
+        assert "held-out" not in stats
+    assert re.search(r"FVU on this image 0\.\d+", stats) and "spliced image" in stats
+    assert _hooks(pipe) == 0
+
+
+def test_itda_feature_panel_shows_the_atom_source(shapes_app):
+    from fluxsae.provenance import atom_source
+
+    url, pipe = shapes_app
+    client = _client(url)
+    out = _generate(client, method="ITDA")
+    atom_id = out[3]["data"][0][0]
+    itda = fluxsae.load_itda("shapes", site=SITE)
+    source = atom_source(itda, atom_id, pipe)
+    panel, gallery = out[4], out[7]
+    assert f"Feature {atom_id}" in panel and source.provenance["prompt"] in panel
+    assert f"seed {source.provenance['seed']}" in panel and f"step {source.provenance['step']}" in panel
+    cosine = float(re.search(r"cosine with the atom (-?\d\.\d+)", panel).group(1))
+    assert cosine == pytest.approx(source.cosine, abs=1e-3) and cosine > 0.9  # the provenance is right
+    assert len(gallery) == 2
+    outlined, patch = (_pixels(item["image"]) for item in gallery)
+    assert np.array_equal(outlined, np.asarray(views.enlarged(source.outlined, 384)))
+    assert np.array_equal(patch, np.asarray(views.enlarged(source.patch, 384)))
+    # Another atom through /show_feature: its own source.
+    other = out[3]["data"][1][0]
+    _, panel2, _, _, gallery2 = client.predict(SITE, "ITDA", 0, 7, other, 0.5, api_name="/show_feature")
+    assert itda.provenance[other]["prompt"] in panel2 and len(gallery2) == 2
+
+
+def test_mlp_neurons_rank_the_blocks_own_units(shapes_app):
+    """MLP neurons: the hidden activations of the site's block, ranked here independently of the app
+    (positive part summed over tokens, mean over steps, neurons denser than 0.5 left out as the
+    library's filter does for every method)."""
+    from gradio_client.exceptions import AppError
+
+    from fluxsae.autointerp.examples import capture_mlp, stack_steps
+    from fluxsae.features import DEFAULT_MAX_DENSITY
+
+    url, pipe = shapes_app
+    client = _client(url)
+    out = _generate(client, method=views.MLP, rank=SHARE)
+    assert "MLP neurons" in out[2] and "no FVU" in out[2]
+    rows = out[3]["data"]
+    labels = {int(r["feature"]): r for r in fluxsae.load_labels("shapes", site=SITE, method="mlp")}
+    with capture_mlp(pipe, [SITE], 64) as hidden:
+        _library_image(pipe, PROMPT, 0)
+    units = stack_steps(hidden[SITE], 8)[:, 0]  # [steps, tokens, neurons]
+    mass = units.double().clamp(min=0).sum(1).mean(0)
+    dense = torch.tensor([float(labels[f]["density"]) > DEFAULT_MAX_DENSITY for f in range(len(mass))])
+    expected = mass.masked_fill(dense, -1).argsort(descending=True)[:10].tolist()
+    assert [r[0] for r in rows] == expected
+    assert [r[1] for r in rows] == [labels[f]["label"] for f in expected]
+    assert _pixels(out[1]).shape[0] >= 384 and f"Feature {expected[0]}" in out[4]
+    word = rows[0][1].split()[0]
+    found = client.predict(word, SITE, views.MLP, api_name="/search")["data"]
+    assert found and all(word in r[1] for r in found)
+    with pytest.raises(AppError, match="Steering takes dictionary features"):
+        _steer(client, str(expected[0]), method=views.MLP)
+
+
+def test_mlp_neurons_are_offered_only_where_labels_exist(shapes_app, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    from fluxsae.labels import shapes_labels_dir
+
+    pipe = shapes_app[1]
+
+    def choices(demo):
+        return [c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "method"][0].choices
+
+    assert [c[0] for c in choices(app.build_demo(pipe, "shapes"))] == ["SAE", "ITDA", views.MLP]
+    release = tmp_path / "labels"
+    shutil.copytree(shapes_labels_dir(), release)
+    for shard in (release / "data" / "labels").glob("mlp-*.parquet"):
+        shard.unlink()
+    demo, url = _launch(pipe, labels=str(release))
+    try:
+        assert [c[0] for c in choices(demo)] == ["SAE", "ITDA"]
+        client = _client(url)
+        with pytest.raises(AppError, match="not in the list of choices"):
+            _generate(client, method=views.MLP)
+        assert _generate(client)[3]["data"]  # the SAE's labels still come from that release
+    finally:
+        demo.close()
+
+
+def test_steering_a_painted_region_of_any_shape(shapes_app, tmp_path):
+    """An ImageEditor value as gradio_client sends it: strokes on the top-left quarter, at a size that is
+    not the image's; the edit lands there most."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    client = _client(shapes_app[0])
+    layer = np.zeros((300, 170, 4), np.uint8)
+    layer[:150, :85] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    Image.new("RGB", (170, 300)).save(tmp_path / "background.png")
+    files = {
+        k: handle_file(tmp_path / f) for k, f in (("background", "background.png"), ("layer", "layer.png"))
+    }
+    region = {"background": files["background"], "layers": [files["layer"]], "composite": files["background"]}
+    original, steered, _, stats = _steer(client, strength=20, region=region)
+    assert "painted region" in stats
+    change = np.abs(_pixels(original).astype(int) - _pixels(steered).astype(int)).sum(-1)
+    assert change[:192, :192].mean() > change[192:, 192:].mean()
+    blank = np.zeros((300, 170, 4), np.uint8)  # nothing painted: steer everywhere
+    Image.fromarray(blank).save(tmp_path / "blank.png")
+    region["layers"] = [handle_file(tmp_path / "blank.png")]
+    assert "painted region" not in _steer(client, strength=20, region=region)[3]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c: _generate(c, seed="NaN"), "whole number"),
+        (lambda c: _generate(c, seed="abc"), "whole number"),
+        (lambda c: _generate(c, feature=10**6), "feature must be"),
+        (lambda c: _generate(c, method="MLP"), "not in the list of choices"),
+        (lambda c: _generate(c, rank="best"), "not in the list of choices"),
+        (lambda c: _generate(c, site="transformer_blocks.9.image"), "not in the list of choices"),
+        (lambda c: _steer(c, strength=1e6), "strength must be"),
+        (lambda c: _steer(c, strength="NaN"), "strength must be"),
+        (lambda c: _steer(c, strength="abc"), "strength must be"),
+        (lambda c: _steer(c, features="12: NaN"), "strength of feature 12 must be"),
+        (lambda c: _steer(c, features="12: -1e6, 13: 2"), "strength of feature 12 must be"),
+        (lambda c: _steer(c, features="12, 12: 3"), "named twice"),
+        (lambda c: _steer(c, features=", ".join(map(str, range(9)))), "at most 8 features"),
+        (lambda c: _steer(c, features="99999"), "no feature 99999"),
+        (lambda c: _steer(c, features="zzz unknown: 3"), "No feature's label"),
+        (lambda c: _steer(c, features=""), "at least one feature"),
+        (lambda c: _steer(c, first=5, last=2), "after the last step"),
+        (lambda c: _steer(c, mode="multiply"), "not in the list of choices"),
+        (lambda c: c.predict(SITE, "SAE", 0, 7, 0, 0.5, api_name="/show_feature"), "Generate an image first"),
+        (lambda c: c.predict(SITE, "SAE", 0, 7, SHARE, api_name="/top_features"), "Generate an image first"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_clear_error_and_the_next_request_is_unchanged(shapes_app, call, match):
+    from gradio_client.exceptions import AppError
+
+    client = _client(shapes_app[0])
+    with pytest.raises(AppError, match=match):
+        call(client)
+    assert _hooks(shapes_app[1]) == 0
+
+
+def test_odd_prompts_generate_and_leave_the_pipeline_unchanged(shapes_app):
+    client = _client(shapes_app[0])
+    before = _steer(client, strength="5")  # a number as a string is fine
+    for prompt in ["", "red circle " * 1000, "ein roter Kreis ✨ 赤い円 \u202e"]:
+        out = _generate(client, prompt=prompt)
+        assert _pixels(out[0]).shape == (384, 384, 3)
+    after = _steer(client, strength=5)
+    for i in range(3):
+        assert np.array_equal(_pixels(before[i]), _pixels(after[i]))
+
+
+def _result(endpoint, out):
+    """What a request returned, without its timings: images as pixels, tables as rows."""
+    if endpoint == "steer":
+        return [_pixels(p) for p in out[:3]]
+    return [_pixels(out[0]), _pixels(out[1]), out[3]["data"]]
+
+
+def test_eight_concurrent_clients_each_get_their_solo_result(shapes_app):
+    """Eight clients at once, over both endpoints that run the pipeline and all three methods, one of
+    them failing inside the pipeline (the text encoder raises on its prompt's word): each of the other
+    seven gets exactly what it got alone, and no hook is left behind."""
+    from gradio_client.exceptions import AppError
+
+    url, pipe = shapes_app
+    poison = pipe.tokenizer_2("purple").input_ids[0]
+
+    def explode(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and bool((ids == poison).any()):
+            raise RuntimeError("boom inside the text encoder")
+
+    a, b = _top(_client(url))
+    requests = [
+        ("steer", dict(seed=1, features=f"{a}: 8")),
+        ("steer", dict(seed=2, features=f"{a}: 4, {b}: -4")),
+        ("steer", dict(seed=3, features=f"{b}", mode="ablate", prompt=PROMPT)),
+        ("steer", dict(seed=4, features=f"{b}: -3", prompt="a small green triangle")),
+        ("generate", dict(seed=5)),
+        ("generate", dict(seed=6, method="ITDA")),
+        ("generate", dict(seed=7, method=views.MLP, rank=SHARE)),
+        ("steer", dict(seed=8, features=f"{a}: 8", prompt="a purple circle")),  # fails in the pipeline
+    ]
+
+    def send(request):
+        endpoint, kwargs = request
+        client = _client(url)
+        try:
+            return _result(endpoint, (_steer if endpoint == "steer" else _generate)(client, **kwargs))
+        except AppError as e:
+            return e
+
+    handle = pipe.text_encoder_2.register_forward_pre_hook(explode, with_kwargs=True)
+    try:
+        solo = [send(r) for r in requests]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(send, requests))
+    finally:
+        handle.remove()
+    for got, alone in zip(together[:-1], solo[:-1], strict=True):
+        assert not isinstance(got, Exception) and len(got) == len(alone)
+        for x, y in zip(got, alone, strict=True):
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    for failed in (solo[-1], together[-1]):
+        assert isinstance(failed, AppError) and "boom inside the text encoder" in str(failed)
+    assert _hooks(pipe) == 0
+
+
+def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatch):
+    """With the `spaces` package present, the functions that run the pipeline are spaces.GPU functions,
+    called with and returning only what pickles (as ZeroGPU sends them to its worker), never the
+    pipeline; their results are the plain app's."""
+    import inspect
+
+    url, pipe = shapes_app
+    decorated, calls = [], []
+
+    def GPU(duration=60):  # the shape of spaces.GPU(duration=...)
+        def decorate(fn):
+            decorated.append(fn)
+
+            def on_gpu(*args, **kwargs):
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))  # what the worker receives
+                calls.append(fn.__name__)
+                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+
+            return on_gpu
+
+        return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    demo, gpu_url = _launch(pipe)
+    try:
+        names = {fn.__name__ for fn in decorated}
+        assert names == {"capture_units", "steer_images", "regenerate_atom"}
+        assert all("pipe" not in inspect.signature(fn).parameters for fn in decorated)
+        plain, on_gpu = _client(url), _client(gpu_url)
+        for method in ("SAE", "ITDA", views.MLP):
+            assert np.array_equal(
+                _pixels(_generate(plain, method=method, seed=9)[1]),
+                _pixels(_generate(on_gpu, method=method, seed=9)[1]),
+            )
+        a = _top(on_gpu, 1)[0]
+        for x, y in zip(_steer(plain, f"{a}: 5")[:3], _steer(on_gpu, f"{a}: 5")[:3], strict=True):
+            assert np.array_equal(_pixels(x), _pixels(y))
+        assert set(calls) == names
+    finally:
+        demo.close()
+    assert _hooks(pipe) == 0
+
+
+def _crop(shot: np.ndarray, box: dict, scroll_y: float) -> np.ndarray:
+    top, left = int(box["y"] + scroll_y), int(box["x"])
+    return shot[top : top + int(box["height"]), left : left + int(box["width"])]
+
+
+@pytest.mark.browser
+def test_features_search_and_steering_with_a_painted_region_in_a_real_browser(shapes_app, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("FLUXSAE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (FLUXSAE_REQUIRE_BROWSER=1).")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(shapes_app[0])
+            page.locator("#prompt textarea").fill("a red circle in the top left")
+            expect(page.locator("#vocabulary")).to_contain_text("does not know")
+            page.locator("#generate").click()
+            expect(page.locator("#stats")).to_contain_text("FVU on this image", timeout=60_000)
+            expect(page.locator("#heatmap img[src]")).to_be_visible()
+            # Pick the third feature of the table: the panel shows it.
+            cell = page.locator('#top_features [role=row][aria-rowindex="4"] [role=gridcell]').first
+            picked = cell.inner_text().strip()
+            cell.click()
+            expect(page.locator("#feature_panel")).to_contain_text(f"Feature {picked}", timeout=30_000)
+            # Click a pixel: the features at that token.
+            page.locator("#image img").click(position={"x": 60, "y": 60})
+            expect(page.locator('#at_pixel [role=row][aria-rowindex="2"]')).to_be_visible(timeout=30_000)
+            # Search labels with a word of the top feature's label; pick the first match.
+            label = page.locator('#top_features [role=row][aria-rowindex="2"] [role=gridcell]').nth(1)
+            word = label.inner_text().strip().split()[0]
+            page.locator("#search textarea").fill(word)
+            page.locator("#search textarea").press("Enter")
+            match = page.locator('#found [role=row][aria-rowindex="2"] [role=gridcell]')
+            expect(match.nth(1)).to_contain_text(word, timeout=30_000)
+            found, found_label = match.nth(0).inner_text().strip(), match.nth(1).inner_text().strip()
+            match.first.click()
+            expect(page.locator("#feature_panel")).to_contain_text(found_label, timeout=30_000)
+            # Add it to the steering list; its own slider, at 10.
+            expect(page.locator("#steer_add textarea")).to_have_value(found)
+            page.locator("#steer_add_button").click()
+            expect(page.locator("#strength_0")).to_contain_text(f"{found} · {found_label}", timeout=30_000)
+            expect(page.locator("#strength_1")).to_be_hidden()
+            page.locator("#strength_0 input[type=number]").fill("10")
+            page.locator("#strength_0 input[type=number]").press("Tab")
+            # Paint a stroke over the top-left of the image in the region editor.
+            page.locator('#region button[aria-label="Brush"]').first.click()
+            box = page.locator("#region canvas").first.bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25)
+            page.mouse.down()
+            for i in range(1, 11):
+                page.mouse.move(box["x"] + box["width"] * (0.25 + 0.02 * i), box["y"] + box["height"] * 0.3)
+            page.mouse.up()
+            page.locator("#steer").click()
+            stats = page.locator("#steer_stats")
+            expect(stats).to_contain_text("painted region", timeout=60_000)
+            expect(stats).to_contain_text(f"{found} ({found_label}) +10")
+            expect(stats).to_contain_text("image MSE")
+            expect(page.locator("#steered img[src]")).to_be_visible()
+            page.locator("#steered").scroll_into_view_if_needed()
+            scroll_y = page.evaluate("window.scrollY")
+            steered_box = page.locator("#steered img").bounding_box()
+            label_box = page.locator("#strength_0").bounding_box()
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+        finally:
+            browser.close()
+    shot = np.asarray(Image.open(tmp_path / "app.png").convert("RGB")).astype(int)
+    steered = _crop(shot, steered_box, scroll_y)
+    assert steered.size and steered.std() > 20  # a picture, not a blank or flat panel
+    assert len({tuple(p) for p in steered.reshape(-1, 3)[::7]}) > 20
+    label = _crop(shot, label_box, scroll_y)  # the slider row with the feature's label is on the shot
+    assert label.size and (label.min(-1) < 100).mean() > 0.005  # dark text on the light row
