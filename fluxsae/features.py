@@ -141,8 +141,7 @@ def top_features(
             at these steps in `stats`, x the image's tokens; needs `stats` and every step captured, so
             positions are denoising steps). Large-area features that fire alike on every image of
             their kind (background colours) rank high by mass; lift ranks what is particular to this
-            image first (packaged Shapes SAE at double block 3, top 5 of 24 fresh scenes: background
-            features 75% -> 23%, features of the scene's objects 20% -> 69%; benchmarks/app_ranking.py).
+            image first (figures: benchmarks/app_ranking.py, benchmarks/README.md).
     Returns:
         Up to n TopFeature(feature, mass, share), largest mass (or lift) first; features with no
         activation on the image are never listed.
