@@ -55,8 +55,12 @@ def generate(n: int, seed: int, batch: int, cache: Path | None) -> dict[str, tor
         chunk = scenes[i : i + batch]
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         with torch.no_grad(), fluxsae.capture(pipe, list(SITES)) as acts:
-            pipe([shapes.caption(s) for s in chunk], generator=generators, output_type="latent",
-                 **shapes.GENERATION_DEFAULTS)
+            pipe(
+                [shapes.caption(s) for s in chunk],
+                generator=generators,
+                output_type="latent",
+                **shapes.GENERATION_DEFAULTS,
+            )
         for s in SITES:
             parts[s].append(acts[s].float())
         print(f"generated {i + len(chunk)}/{n}", flush=True)
@@ -120,7 +124,23 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the activations")
     p.add_argument("--out", type=Path, default=RESULTS / "localization.json")
+    p.add_argument(
+        "--dict",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="score these dictionaries (Hub-layout roots, a folder per site), not the packaged",
+    )
+    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
     args = p.parse_args(argv)
+    dictionaries = {"sae": ("shapes", "sae"), "itda": ("shapes", "itda")}
+    if args.dict:
+        dictionaries = {}
+        for spec in args.dict:
+            name, sep, where = spec.partition("=")
+            if not sep or not name or not where:
+                raise SystemExit(f"--dict takes NAME=FOLDER, got {spec!r}")
+            dictionaries[name] = (where, None)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     start = time.perf_counter()
@@ -134,10 +154,10 @@ def main(argv=None) -> dict:
     eval_masks = {c: m[evaluate] for c, m in masks.items()}
 
     results: dict = {}
-    for site in SITES:
+    for site in args.sites:
         mean_acts = acts[site].mean(0)  # [n, 64, d]
-        for method, load in (("sae", fluxsae.load_sae), ("itda", fluxsae.load_itda)):
-            dictionary = load("shapes", site=site)
+        for method, (where, kind) in dictionaries.items():
+            dictionary = fluxsae.load_dictionary(where, site=site, method=kind)
             codes = step_averaged_codes(dictionary, acts[site])
             aurocs, names = truth.concept_auroc(codes[:half], select_masks, CONCEPTS)
             eval_aurocs, _ = truth.concept_auroc(codes[half:], eval_masks, CONCEPTS)
@@ -149,12 +169,17 @@ def main(argv=None) -> dict:
                 unit, auroc = best[concept]
                 c = names.index(concept)
                 by_iou = best_unit_by_iou(codes, masks, select, concept)
-                rows[concept] = {"feature": unit, "auroc_select": auroc,
-                                 "auroc_eval": float(eval_aurocs[unit, c]),
-                                 **localize(codes[:, :, unit], masks, evaluate, concept),
-                                 "chosen_by_iou": {
-                                     "feature": by_iou, "auroc_eval": float(eval_aurocs[by_iou, c]),
-                                     **localize(codes[:, :, by_iou], masks, evaluate, concept)}}
+                rows[concept] = {
+                    "feature": unit,
+                    "auroc_select": auroc,
+                    "auroc_eval": float(eval_aurocs[unit, c]),
+                    **localize(codes[:, :, unit], masks, evaluate, concept),
+                    "chosen_by_iou": {
+                        "feature": by_iou,
+                        "auroc_eval": float(eval_aurocs[by_iou, c]),
+                        **localize(codes[:, :, by_iou], masks, evaluate, concept),
+                    },
+                }
             results[f"{method}:{site}"] = rows
             print(method, site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()}, flush=True)
 
@@ -169,8 +194,11 @@ def main(argv=None) -> dict:
             projection = ((mean_acts.double() - midpoint) @ (direction / direction.norm())).float()  # [n, 64]
             auroc_select, _ = truth.concept_auroc(projection[:half, :, None], select_masks, [concept])
             auroc_eval, _ = truth.concept_auroc(projection[half:, :, None], eval_masks, [concept])
-            rows[concept] = {"auroc_select": float(auroc_select[0, 0]), "auroc_eval": float(auroc_eval[0, 0]),
-                             **localize(projection, masks, evaluate, concept)}
+            rows[concept] = {
+                "auroc_select": float(auroc_select[0, 0]),
+                "auroc_eval": float(auroc_eval[0, 0]),
+                **localize(projection, masks, evaluate, concept),
+            }
         results[f"diff_of_means:{site}"] = rows
         print("diff_of_means", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
 

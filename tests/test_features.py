@@ -47,9 +47,18 @@ def sae():
 
 @pytest.fixture(scope="module")
 def red_feature(run, sae):
-    """The SAE feature that best detects red on the first three scenes (AUROC, steps averaged)."""
-    codes = sae.encode(run["acts"][:, :3].mean(0))  # [3 scenes, 64, F]
-    aurocs, names = truth.concept_auroc(codes, run["scenes"][:3], concepts=["color:red"])
+    """The SAE feature that best detects red (AUROC, steps averaged) on 18 other one-object scenes, one per
+    colour and background, so that it must tell red from every other colour on every background."""
+    pool = shapes.sample_scenes(600, seed=456, n_objects=1)
+    scenes = [one_object(pool, bg, color=c) for c in shapes.COLORS for bg in shapes.BACKGROUNDS]
+    pipe = fluxsae.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(scenes))]
+    with torch.no_grad(), fluxsae.capture(pipe, [SITE]) as acts:
+        pipe([shapes.caption(s) for s in scenes], generator=generators, output_type="latent",
+             **shapes.GENERATION_DEFAULTS)  # fmt: skip
+    codes = sae.encode(acts[SITE].mean(0))  # [18 scenes, 64, F]
+    aurocs, names = truth.concept_auroc(codes, scenes, concepts=["color:red"])
     return truth.best_units(aurocs, names)["color:red"][0]
 
 
@@ -58,9 +67,12 @@ def test_the_best_red_feature_lights_up_the_red_object_of_an_unseen_image(run, s
     heat = step_map(features.feature_activations(sae, run["acts"], red_feature, batch=3), (8, 8)).flatten()
     assert mask[heat.argmax()]  # its hottest token shows the red object
     assert heat[mask].mean() > 5 * heat[~mask].mean()
-    # Most of its activation lies on the object. (It covers only part of it: the packaged SAE splits a
-    # colour over several features, so one feature's IoU is low; benchmarks/localization.py measures it.)
-    assert heat[mask].sum() >= 0.75 * heat.sum()
+    # It lights up the object and its rim (tokens the object covers only in part, which the mask leaves
+    # out) and nothing else: all but a trace of its activation lies within one token of the object.
+    # benchmarks/localization.py measures the IoU.
+    near = torch.nn.functional.max_pool2d(mask.view(1, 1, 8, 8).float(), 3, stride=1, padding=1).flatten() > 0
+    assert heat[near].sum() >= 0.9 * heat.sum()
+    assert mask[heat.topk(int(mask.sum()) // 2).indices].all()  # its hottest half-object of tokens is on it
     # It stays quiet on the blue scene.
     blue = step_map(features.feature_activations(sae, run["acts"], red_feature, batch=1), (8, 8))
     assert blue.max() < 0.2 * heat.max()
@@ -125,7 +137,8 @@ def test_heatmap_has_a_colour_bar_and_a_fixed_scale_means_the_same_colour_everyw
     # Two images' maps share a value at token (0, 0) but not their maxima: on the fixed scale the token
     # has one colour in both, on each map's own scale it does not.
     maps = [step_map(features.feature_activations(sae, run["acts"], red_feature, batch=b), (8, 8))
-            for b in (0, 3)]
+            for b in (0, 2, 3)]
+    maps = [max(maps[:2], key=lambda m: float(m.max())), maps[2]]  # the other red scene it fires on most
     shared = 0.5 * min(float(m.max()) for m in maps)  # below both maxima: no map is clipped there
     maps[1][0, 0] = maps[0][0, 0] = shared
     assert maps[0].max() != maps[1].max() and shared > 0

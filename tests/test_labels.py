@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fluxsae.feature_stats import load_feature_stats
 from fluxsae.labels import LABEL_COLUMNS, load_labels, shapes_labels_dir, write_labels
 
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
@@ -69,12 +70,17 @@ def test_packaged_shapes_labels_cover_every_unit_and_stay_small():
             assert sorted(labels["feature"]) == list(range(n))
     sae = load_labels("shapes", site=SITES[0], method="sae").to_pandas()
     assert (sae["explainer"] == "shapes-oracle").all()
-    assert sae["status"].isin(["ok", "no_examples"]).all() and (sae["status"] == "ok").mean() > 0.9
+    assert sae["status"].isin(["ok", "no_examples"]).all()
+    # A unit goes unlabelled only when it (almost) never fires: every feature that fires on >= 0.2% of
+    # tokens in its shipped statistics has examples and a label (the Matryoshka SAE's outer features are
+    # often dead; benchmarks/README.md, Interpretability).
+    density = load_feature_stats("shapes", site=SITES[0], kind="sae").density.numpy()
+    assert set(sae[density[sae["feature"].to_numpy()] >= 0.002]["status"]) == {"ok"}
     ok = sae[sae["status"] == "ok"]
     assert ok["label"].notna().all() and ok["auroc"].between(0, 1).all()
     assert sae[sae["status"] == "no_examples"]["label"].isna().all()
     scored = sae[sae["score"].notna()]
-    assert len(scored) > 1000 and scored["score"].between(0, 1).all()
+    assert len(scored) > 0.5 * len(ok) and scored["score"].between(0, 1).all()  # most labels are scored
     # The references resolve: example ids name rows of the images config, maps have one value per token.
     images = load_labels("shapes", config="images")
     ids = set(images["image_id"])

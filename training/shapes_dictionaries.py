@@ -4,7 +4,7 @@
 
 Stages (each resumable: run the same command again after a kill):
   1. harvest the packaged Shapes model on captions of the Shapes world (every denoising step);
-  2. train a TopK SAE per site (training.train_sae);
+  2. train a Matryoshka TopK SAE per site (training.train_sae);
   3. build an ITDA per site at the same L0, at most as many atoms as the SAE has features
      (training.build_itda);
   4. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
@@ -50,6 +50,7 @@ def sae_stage(args, acts: Path, staging: Path) -> dict:
         cfg = TrainConfig(
             acts=str(acts), site=site, n_features=args.n_features, k=args.k, tokens=args.tokens,
             batch_size=4096, normalization="standardize", aux_k=256, held_out=0.1, seed=0,
+            matryoshka=tuple(args.matryoshka),
         )  # fmt: skip
         results[site] = train(cfg, args.work / "sae" / site, staging / "sae")
     return results
@@ -102,7 +103,12 @@ def model_card(report: dict, method: str) -> str:
             f"{s['velocity_recovered']:.3f} | {s['image_recovered']:.3f} |"
         )
     what = {
-        "sae": "TopK sparse autoencoders",
+        "sae": (
+            f"Matryoshka TopK sparse autoencoders (nested prefixes of {', '.join(map(str, prefixes))} "
+            "features)"
+            if (prefixes := report.get("matryoshka"))
+            else "TopK sparse autoencoders"
+        ),
         "itda": "ITDA dictionaries (real activations, with their provenance in atoms.parquet)",
     }[method]
     loader = {"sae": "load_sae", "itda": "load_itda"}[method]
@@ -143,6 +149,13 @@ def main(argv=None) -> None:
         "--k", type=int, default=24,
         help="L0 of both methods (k 16 left the double block's spliced-in velocity at 0.87 recovered)",
     )  # fmt: skip
+    p.add_argument(
+        "--matryoshka",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        default=[32, 128, 512],
+        help="nested prefix widths of the Matryoshka SAEs ('' for plain TopK); they lift the median "
+        "best-feature AUROC against the Shapes truth from 0.81 to 0.95 (benchmarks/interpretability.py)",
+    )
     p.add_argument("--tokens", type=int, default=24_000_000, help="SAE training tokens")
     p.add_argument(
         "--itda-threshold", type=float, default=0.1,
@@ -154,7 +167,11 @@ def main(argv=None) -> None:
     staging = args.work / "package"
     staging.mkdir(parents=True, exist_ok=True)
     acts = harvest_stage(args)
-    report = {"sae": sae_stage(args, acts, staging), "itda": itda_stage(args, acts, staging)}
+    report = {
+        "sae": sae_stage(args, acts, staging),
+        "itda": itda_stage(args, acts, staging),
+        "matryoshka": args.matryoshka,
+    }
     report["spliced"] = spliced_stage(args, staging)
     for method in ("sae", "itda"):
         write_json(staging / method / "config.json", {
