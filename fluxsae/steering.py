@@ -49,14 +49,13 @@ Mode = Literal["add", "clamp"]
 DEFAULT_STEPS: slice = slice(-4, None)
 """Denoising steps steered by default: the last four (a slice is applied to range(number of steps)
 when the generation runs; on the 8-step Shapes model, steps 4-7). Colour is settled late: adding
-the packaged SAE's best colour feature at transformer_blocks.3.image, strength 4, turned and kept
-the object in 10% of 30 trials on steps 4-7 and 6-7, 3% on 0-3 and 2-7, 0% on 0-7, where the
-shape and cell broke in 97% (reference work: the first 5 of 7 steps, on FLUX.1)."""
+the packaged (Matryoshka) SAE's best colour feature at transformer_blocks.3.image, strength 4, turned
+and kept the object in 10% of 30 trials on steps 4-7, 3% on 6-7, 2-7 and 0-7, 0% on 0-3, where the
+shape and cell broke in 43-80% of trials (reference work: the first 5 of 7 steps, on FLUX.1)."""
 DEFAULT_STRENGTH: float = 4.0
 """Strength given to features passed as a list of ids (add mode), in mean token norms. On steps
-4-7: 0, 7, 7, 10% turned and kept at strengths 0.5, 1, 2, 4 (reads as the new colour: 0, 7, 20,
-20%). No strength reaches the 80% target with one image feature; benchmarks/README.md, "Steering",
-has what does better (the text stream)."""
+4-7: 0, 0, 3, 10% turned and kept at strengths 0.5, 1, 2, 4. No strength reaches the 80% target with
+one image feature; benchmarks/README.md, "Steering", has what does better (the text stream)."""
 DEFAULT_CFG_PASS: CfgPass = "both"
 """With true CFG (`true_cfg_scale > 1`), which transformer pass is steered. Steering only "cond"
 turns more (33% vs 20% at strength 2) but breaks the object (kept 27% vs 77%)."""
