@@ -538,10 +538,10 @@ def test_train_step_through_distributed_data_parallel(tmp_path):
     that trained on the global batch."""
     import torch.multiprocessing as mp
 
-    # fork: the children inherit the imported modules (spawning two fresh interpreters costs seconds)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: a child forked from a process whose OpenMP pool has run (the rest of the suite)
+    # can deadlock in its first parallel op; it hung the suite once.
     args = (str(tmp_path / "store"), str(tmp_path))
-    mp.start_processes(_ddp_worker, args=args, nprocs=2, start_method=method)
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, start_method="spawn")
     rank0, _ = load_tensors(tmp_path / "rank0.safetensors")
     rank1, _ = load_tensors(tmp_path / "rank1.safetensors")
     assert list(rank0) == list(rank1)
