@@ -44,7 +44,7 @@ import fluxsae
 from fluxsae import shapes
 from fluxsae.autointerp.examples import RandomDirections, capture_mlp, stack_steps
 from fluxsae.autointerp.oracle import SINGLE_CONCEPTS
-from fluxsae.feature_stats import sparse_codes
+from fluxsae.feature_stats import step_averaged_codes
 from fluxsae.fileio import load_tensors, save_tensors
 from fluxsae.shapes import truth
 
@@ -87,16 +87,6 @@ def generate(n: int, seed: int, batch: int, cache: Path | None) -> dict[str, tor
     if cache is not None:
         save_tensors(cache, out, {"n": n, "seed": seed})
     return out
-
-
-def step_averaged_codes(dictionary, acts: torch.Tensor) -> torch.Tensor:
-    """acts [steps, n, 64, d] -> codes averaged over steps [n, 64, F], without a dense [steps, ...] array."""
-    n_steps = acts.shape[0]
-    codes = torch.zeros(*acts.shape[1:3], dictionary.cfg.n_features)
-    for step in range(n_steps):
-        values, indices = sparse_codes(dictionary, acts[step])
-        codes.scatter_add_(-1, indices, values / n_steps)
-    return codes
 
 
 def _standardize(select: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

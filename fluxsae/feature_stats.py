@@ -116,6 +116,18 @@ def sparse_codes(dictionary, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(values).reshape(*lead, k), torch.cat(indices).reshape(*lead, k)
 
 
+def step_averaged_codes(dictionary, acts: torch.Tensor) -> torch.Tensor:
+    """Captured activations [steps, n, tokens, d] -> dense codes averaged over the steps [n, tokens, F]
+    (what `fluxsae.features.feature_heatmap` paints by default), one step at a time, without a dense
+    [steps, ...] array."""
+    n_steps = acts.shape[0]
+    codes = torch.zeros(*acts.shape[1:3], int(dictionary.cfg.n_features))
+    for step in range(n_steps):
+        values, indices = sparse_codes(dictionary, acts[step])
+        codes.scatter_add_(-1, indices, values / n_steps)
+    return codes
+
+
 def fingerprint(dictionary) -> str:
     """A short hash of the dictionary's directions: stats computed for another dictionary are caught."""
     directions = dictionary.directions.detach().float().cpu().contiguous()
