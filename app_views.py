@@ -21,6 +21,7 @@ from fluxsae.autointerp.examples import UnitCodes
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.feature_stats import FeatureStats, load_feature_stats
 from fluxsae.features import feature_heatmap, features_at, top_features, usual_mass
+from fluxsae.sites import parse_site
 
 logger = logging.getLogger("fluxsae.app")
 
@@ -108,6 +109,10 @@ class Dictionaries:
         the labels; None where no MLP labels exist at `site`."""
         method = METHODS.get(method, method)
         if method not in METHODS.values() or (self.source is None and method != "mlp"):
+            return None
+        if parse_site(site).stream != "image":
+            # The app paints features over the image's token grid; a text-stream dictionary (the
+            # packaged Shapes ones steer captions, README "Steering") has no place on it: norms there.
             return None
         if method == "mlp" and MLP not in self.methods():
             return None

@@ -75,7 +75,7 @@ def test_shapes_needs_a_method_and_a_folder_needs_a_site(tmp_path):
     with pytest.raises(TypeError, match="site="):
         fluxsae.load_dictionary("shapes", method="sae")
     with pytest.raises(DictionaryNotFoundError, match="it has: "):
-        fluxsae.load_dictionary(SAE_REPO, site="transformer_blocks.0.text")
+        fluxsae.load_dictionary(SAE_REPO, site="single_transformer_blocks.0.text")
 
 
 def test_each_config_refuses_the_other_kind_and_names_the_way_out(tmp_path):

@@ -10,6 +10,11 @@ Stages (each resumable: run the same command again after a kill):
   4. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
   5. write `sae/` and `itda/`, each a dictionary repo in the Hub layout (one sub-folder per site,
      config.json, README.md).
+Text stream: a small SAE per double block's text stream (TEXT_SITES, harvested on their own), into
+`sae/` beside the image sites. They steer the caption's attributes (swap colour A's feature for B's,
+benchmarks/steering.py); heatmaps and labels cover the image sites only.
+
+    python -m training.shapes_dictionaries --stages text   # only (re)make the text-stream SAEs
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from training import feature_stats
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 """The last double block (the reference work's main site is FLUX.1's last double block) and the
 middle of the single blocks."""
+TEXT_SITES = tuple(f"transformer_blocks.{i}.text" for i in range(4))
+"""The text stream after every double block: swapping a colour there, at all four, turns the object
+(benchmarks/steering.py); at block 0 alone it turned 27-30%."""
+TEXT_SAE = dict(n_features=512, k=8, matryoshka=(32, 128), tokens=4_000_000, aux_k=128)
+"""Text-stream SAE settings. A caption has 24 T5 tokens over a vocabulary of ~40 words, so 512
+features leave 52-66% dead and k 8 reconstructs it to held-out FVU 0.02-0.04."""
+TEXT_PROMPTS = 1500
+"""Generations harvested for the text SAEs (24 tokens x 8 steps each per site)."""
 
 
 def harvest_stage(args) -> Path:
@@ -40,6 +53,31 @@ def harvest_stage(args) -> Path:
         "--prompts-per-shard", "50", "--batch-size", "25", "--out", str(folder),
     ])  # fmt: skip
     return folder
+
+
+def text_harvest_stage(args) -> Path:
+    from training import harvest
+
+    folder = args.work / "text_harvest"
+    harvest.main([
+        "--model", "shapes", "--prompts", "shapes", "--n-prompts", str(TEXT_PROMPTS),
+        "--prompt-seed", "11", "--seed", "0", "--sites", ",".join(TEXT_SITES), "--dtype", "bfloat16",
+        "--prompts-per-shard", "50", "--batch-size", "25", "--out", str(folder),
+    ])  # fmt: skip
+    return folder
+
+
+def text_sae_stage(args, acts: Path, staging: Path) -> dict:
+    from training.train_sae import TrainConfig, train
+
+    results = {}
+    for site in TEXT_SITES:
+        cfg = TrainConfig(
+            acts=str(acts), site=site, batch_size=4096, normalization="standardize", held_out=0.1, seed=0,
+            **TEXT_SAE,
+        )  # fmt: skip
+        results[site] = train(cfg, args.work / "sae" / site, staging / "sae")
+    return results
 
 
 def sae_stage(args, acts: Path, staging: Path) -> dict:
@@ -69,7 +107,8 @@ def itda_stage(args, acts: Path, staging: Path) -> dict:
     return results
 
 
-def spliced_stage(args, staging: Path) -> dict:
+def spliced_stage(args, staging: Path, sites: dict[str, list[str]]) -> dict:
+    """Spliced-in effect of each dictionary (`sites`: method -> its sites), recorded in its cfg.json."""
     from fluxsae.evaluate import spliced_effect
     from fluxsae.itda import ITDA
     from fluxsae.sae import TopKSAE
@@ -82,7 +121,7 @@ def spliced_stage(args, staging: Path) -> dict:
     seeds = [900_000 + i for i in range(len(prompts))]
     out = {}
     for method, cls in (("sae", TopKSAE), ("itda", ITDA)):
-        for site in args.sites:
+        for site in sites.get(method, []):
             folder = staging / method / site
             dictionary = cls.load(folder)
             effect = spliced_effect(pipe, dictionary, prompts, seeds, dict(shapes.GENERATION_DEFAULTS))
@@ -95,7 +134,7 @@ def spliced_stage(args, staging: Path) -> dict:
 
 def model_card(report: dict, method: str) -> str:
     rows = []
-    for site, r in report[method].items():
+    for site, r in {**report[method], **report.get(f"{method}_text", {})}.items():
         h, s = r["held_out"], report["spliced"][f"{method}:{site}"]
         size = r.get("n_atoms", "")
         rows.append(
@@ -162,32 +201,45 @@ def main(argv=None) -> None:
         help="low enough that the ITDA fills up to --n-features atoms (the cap) within the first batches",
     )  # fmt: skip
     p.add_argument("--eval-prompts", type=int, default=16, help="unseen prompts of the spliced-in evaluation")
+    p.add_argument(
+        "--stages", choices=("all", "text"), default="all",
+        help="'text': only the text-stream SAEs, added to an existing build in --work (its report.json)",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     staging = args.work / "package"
     staging.mkdir(parents=True, exist_ok=True)
-    acts = harvest_stage(args)
-    report = {
-        "sae": sae_stage(args, acts, staging),
-        "itda": itda_stage(args, acts, staging),
-        "matryoshka": args.matryoshka,
-    }
-    report["spliced"] = spliced_stage(args, staging)
-    for method in ("sae", "itda"):
+    if args.stages == "text":
+        # Only the text-stream SAEs: the image dictionaries (and the labels made from them) stay as built.
+        report = json.loads((args.work / "report.json").read_text())
+    else:
+        acts = harvest_stage(args)
+        report = {
+            "sae": sae_stage(args, acts, staging),
+            "itda": itda_stage(args, acts, staging),
+            "matryoshka": args.matryoshka,
+        }
+        report["spliced"] = spliced_stage(args, staging, {"sae": args.sites, "itda": args.sites})
+    report["sae_text"] = text_sae_stage(args, text_harvest_stage(args), staging)
+    report["text_sae"] = {k: list(v) if isinstance(v, tuple) else v for k, v in TEXT_SAE.items()}
+    report["spliced"].update(spliced_stage(args, staging, {"sae": list(TEXT_SITES)}))
+    for method in ("sae", "itda") if args.stages == "all" else ("sae",):
+        sites = [*args.sites, *TEXT_SITES] if method == "sae" else args.sites
         write_json(staging / method / "config.json", {
-            "library": "fluxsae", "method": method, "base_model": "shapes", "sites": args.sites,
+            "library": "fluxsae", "method": method, "base_model": "shapes", "sites": sites,
             "command": "python -m training.shapes_dictionaries",
-            "settings": {k: str(v) for k, v in vars(args).items()},
+            "settings": {k: str(v) for k, v in vars(args).items() if k != "stages"},
         })  # fmt: skip
         (staging / method / "README.md").write_text(model_card(report, method))
         # the statistics heatmaps and rankings read (<site>/feature_stats.safetensors) belong to these weights
-        sites = ",".join(args.sites)
-        feature_stats.main(["--source", str(staging / method), "--kinds", method, "--sites", sites])
+        todo = sites if args.stages == "all" else list(TEXT_SITES)
+        feature_stats.main(["--source", str(staging / method), "--kinds", method, "--sites", ",".join(todo)])
     with atomic_path(args.out, is_dir=True) as tmp:
         shutil.copytree(staging, tmp, dirs_exist_ok=True)
     write_json(args.work / "report.json", report)
     print(json.dumps(report, indent=2))
-    print("The packaged labels now describe old dictionaries: run `python -m training.shapes_labels`.")
+    if args.stages == "all":
+        print("The packaged labels now describe old dictionaries: run `python -m training.shapes_labels`.")
 
 
 if __name__ == "__main__":
