@@ -16,13 +16,21 @@
   computed as h + sum_f (value_f - code_f) x raw decoder row_f: exact, and a bit-exact no-op where
   nothing changes.
 
-Image sites steer the tokens in `region` (all by default); text sites steer every text token.
+Image sites steer the tokens in `region` (all by default); text sites steer every text token. On the
+Shapes model a caption's attributes are best changed in the text stream (the packaged SAEs cover the
+text stream of every double block; `fluxsae.features.contrast_features` finds a word's feature):
+
+    swap = [e for sae in text_saes for e in ((sae, {red[sae.site]: 0.0}, "clamp"),
+                                              (sae, {blue[sae.site]: DEFAULT_TEXT_STRENGTH}, "add"))]
+    with fluxsae.steer(pipe, swap, steps=None):                 # every step
+        ...
 Everything is checked before the context is entered, and the hooks (fluxsae.hooks.edit_site)
 are removed in `finally`: bad input raises ValueError with the pipeline untouched, and an
 exception during generation leaves it exactly as it was.
 
-Defaults (DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_CFG_PASS) are what `python benchmarks/steering.py`
-found best on the Shapes model (benchmarks/README.md, "Steering"; benchmarks/results/steering.json).
+Defaults (DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_TEXT_STRENGTH, DEFAULT_CFG_PASS) are what
+`python benchmarks/steering.py` found best on the Shapes model (benchmarks/README.md, "Steering";
+benchmarks/results/steering.json).
 """
 
 from __future__ import annotations
@@ -56,6 +64,12 @@ DEFAULT_STRENGTH: float = 4.0
 """Strength given to features passed as a list of ids (add mode), in mean token norms. On steps
 4-7: 0, 0, 3, 10% turned and kept at strengths 0.5, 1, 2, 4. No strength reaches the 80% target with
 one image feature; benchmarks/README.md, "Steering", has what does better (the text stream)."""
+DEFAULT_TEXT_STRENGTH: float = 0.6
+"""The same for a text-stream site, where a token's norm is larger and every later block reads the
+caption through it. The recipe that turns a colour (python benchmarks/steering.py, the packaged
+text-stream SAEs): at the text stream of all four double blocks, clamp colour A's features to 0 and
+add B's at 0.6 on every step (steps=None); README "Figures" has its rate. 0.3 turned fewer, 1.0 broke
+more shapes."""
 DEFAULT_CFG_PASS: CfgPass = "both"
 """With true CFG (`true_cfg_scale > 1`), which transformer pass is steered. Steering only "cond"
 turns more (33% vs 20% at strength 2) but breaks the object (kept 27% vs 77%)."""
@@ -134,7 +148,9 @@ def _number(value, what: str) -> float:
     return value
 
 
-def _features(features: Features | None, n_features: int, mode: Mode) -> dict[int, float]:
+def _features(
+    features: Features | None, n_features: int, mode: Mode, default: float = DEFAULT_STRENGTH
+) -> dict[int, float]:
     if features is None or (not isinstance(features, Mapping) and isinstance(features, (str, bytes))):
         raise ValueError(
             f"features must be a dict {{feature id: strength}} (or a list of ids), got {features!r}."
@@ -142,7 +158,7 @@ def _features(features: Features | None, n_features: int, mode: Mode) -> dict[in
     if not isinstance(features, Mapping):
         if mode == "clamp":
             raise ValueError("mode='clamp' needs a value per feature: pass {feature: value}, e.g. {12: 0.0}.")
-        features = dict.fromkeys(features, DEFAULT_STRENGTH)
+        features = dict.fromkeys(features, default)
     if not features:
         raise ValueError("features is empty: pass at least one {feature id: strength} to steer with.")
     out = {}
@@ -236,12 +252,15 @@ def _region_tokens(region, pipe, height, width) -> tuple[torch.Tensor, int]:
     return tokens.nonzero().flatten(), rows * cols
 
 
-def _decoder_rows(dictionary, features: Sequence[int]) -> torch.Tensor:
-    """Raw-space decoder rows [F, d] float32: decode(e_f) - decode(0), exact for affine decoders."""
+def decoder_rows(dictionary, features: Iterable[int]) -> torch.Tensor:
+    """Raw-space decoder rows [F, d] float32 of `features`: decode(e_f) - decode(0), exact for affine
+    decoders (TopK SAEs, ITDA). What one unit of a feature's code adds to a token; `directions` are
+    these rows normalised."""
+    features = list(features)
     n = dictionary.cfg.n_features
     with torch.no_grad():
         unit = torch.zeros(len(features) + 1, n, device=dictionary.directions.device)
-        unit[torch.arange(len(features)), torch.tensor(features)] = 1.0
+        unit[torch.arange(len(features)), torch.tensor(list(features))] = 1.0
         out = dictionary.decode(unit).float()
     return (out[:-1] - out[-1]).cpu()
 
@@ -250,7 +269,8 @@ def _plan(pipe, dictionary, features, mode, region, height, width, mean_token_no
     if mode not in ("add", "clamp"):
         raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
     site = _check_dictionary(pipe, dictionary)
-    feats = _features(features, int(dictionary.cfg.n_features), mode)
+    default = DEFAULT_TEXT_STRENGTH if site.stream == "text" else DEFAULT_STRENGTH
+    feats = _features(features, int(dictionary.cfg.n_features), mode, default)
     ids = tuple(feats)
     m = _mean_token_norm(dictionary, mean_token_norm)
     targets = torch.tensor([feats[f] for f in ids], dtype=torch.float32)
@@ -268,7 +288,7 @@ def _plan(pipe, dictionary, features, mode, region, height, width, mean_token_no
                 f"mode='clamp' needs a dictionary that encodes (TopKSAE, ITDA); {type(dictionary).__name__} "
                 "does not. Use mode='add' with it."
             )
-        rows = _decoder_rows(dictionary, ids)
+        rows = decoder_rows(dictionary, ids)
         change = targets.abs() * rows.norm(dim=1) / m
         if (change > MAX_STRENGTH).any():
             raise ValueError(
@@ -374,7 +394,7 @@ def steer(
             `steer` blocks works too: their edits apply in the order the blocks were entered.
         features: {feature id: strength} (add, in mean token norms; negative suppresses) or
             {feature id: value} (clamp, in code units; 0 ablates). A list of ids adds each at
-            DEFAULT_STRENGTH. Several features stack.
+            DEFAULT_STRENGTH (DEFAULT_TEXT_STRENGTH at a text site). Several features stack.
         steps: denoising step indices to steer (from 0); a slice of range(number of steps), resolved
             when the generation runs (slice(-4, None): the last four); None for all.
         region: image sites only; the tokens to steer (None: all). A bool (or 0/1) mask over the

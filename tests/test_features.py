@@ -205,6 +205,22 @@ def test_stats_round_trip_through_a_dictionary_folder_that_still_loads(run, sae,
         back.check_matches(fluxsae.load_sae("shapes", site=SINGLE))
 
 
+def test_contrast_features_find_what_the_red_scenes_have_and_the_blue_one_lacks(run, sae, red_feature):
+    acts = run["acts"]
+    red, blue = acts[:, [0, 2]], acts[:, [1]]
+    top = features.contrast_features(sae, red, blue, n=5)
+    assert 1 <= len(top) <= 5 and len(set(top)) == len(top)
+    # the AUROC-chosen red detector (chosen on other scenes) is among the features red raises most
+    assert red_feature in features.contrast_features(sae, red, blue, n=20)
+    assert red_feature not in features.contrast_features(sae, blue, red, n=20)
+    with pytest.raises(ValueError, match="positive integer"):
+        features.contrast_features(sae, red, blue, n=0)
+    with pytest.raises(ValueError, match="at least one generation"):
+        features.contrast_features(sae, red, acts[:, []])
+    with pytest.raises(ValueError, match=r"\[steps, batch, tokens, d=128\]"):
+        features.contrast_features(sae, red[0], blue)
+
+
 def test_bad_input_is_explained(run, sae):
     acts = run["acts"]
     with pytest.raises(ValueError, match=r"\[steps, batch, tokens, d=128\]"):

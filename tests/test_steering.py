@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fluxsae
-from fluxsae import shapes
+from fluxsae import features, shapes
 from fluxsae.hooks import capture
-from fluxsae.steering import MAX_STRENGTH, Directions, steer
+from fluxsae.steering import DEFAULT_TEXT_STRENGTH, MAX_STRENGTH, Directions, steer
 
 D3 = "transformer_blocks.3.image"
 S2 = "single_transformer_blocks.2.image"
@@ -110,6 +110,55 @@ def test_text_sites_steer_every_text_token(pipe):
     pre, post = before_and_after(pipe, site, dictionary=direction, features={0: 2.0}, steps=[0])
     torch.testing.assert_close(post[0] - pre[0], (20.0 * direction.directions[0]).expand_as(pre[0]))
     assert pre.shape[2] == shapes.GENERATION_DEFAULTS["max_sequence_length"]
+
+
+TEXT_SITES = tuple(f"transformer_blocks.{i}.text" for i in range(4))
+
+
+def colour_features(pipe, text_saes: dict, colours, per_colour: int = 2) -> dict:
+    """{site: {colour: its text-SAE feature}} by `features.contrast_features` on one-object captions
+    of that colour against those of the others."""
+    pool = shapes.sample_scenes(200, seed=3, n_objects=1)
+    scenes = [s for c in colours for s in [s for s in pool if s.objects[0].color == c][:per_colour]]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(scenes))]
+    with capture(pipe, list(text_saes)) as acts:
+        pipe([shapes.caption(s) for s in scenes], generator=gens, output_type="latent",
+             **shapes.GENERATION_DEFAULTS)
+    out = {}
+    for site, sae in text_saes.items():
+        out[site] = {}
+        for c in colours:
+            is_c = torch.tensor([s.objects[0].color == c for s in scenes])
+            out[site][c] = features.contrast_features(sae, acts[site][:, is_c], acts[site][:, ~is_c], n=1)[0]
+    return out
+
+
+def test_a_list_of_ids_at_a_text_site_adds_the_text_default_strength(pipe):
+    text = fluxsae.load_sae("shapes", site="transformer_blocks.1.text")
+    pre, post = before_and_after(pipe, text.site, dictionary=text, features=[5], steps=[0])
+    want = DEFAULT_TEXT_STRENGTH * text.cfg.mean_token_norm * text.directions[5]
+    torch.testing.assert_close(post[0] - pre[0], want.expand_as(pre[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_swapping_a_colour_feature_in_the_text_stream_recolours_the_object(pipe):
+    """The packaged text-stream SAEs: clamping colour A's feature to 0 and adding B's at the text
+    stream of every double block turns the object from A to B and keeps its shape and cell."""
+    text_saes = {site: fluxsae.load_sae("shapes", site=site) for site in TEXT_SITES}
+    feats = colour_features(pipe, text_saes, shapes.COLORS)
+    scenes = [s for s in shapes.sample_scenes(60, seed=11, n_objects=1) if s.objects[0].color == "red"][:3]
+    for scene, target in zip(scenes, ("blue", "green", "yellow"), strict=True):
+        entries = []
+        for site, sae in text_saes.items():
+            entries += [(sae, {feats[site]["red"]: 0.0}, "clamp"), (sae, {feats[site][target]: 0.6}, "add")]
+        prompt = shapes.caption(scene)
+        plain = shapes.read_attributes((image(pipe, prompt, seed=1) * 255).round().astype(np.uint8))
+        with steer(pipe, entries, steps=None):
+            steered = shapes.read_attributes((image(pipe, prompt, seed=1) * 255).round().astype(np.uint8))
+        assert no_hooks_left(pipe)
+        want = scene.objects[0]
+        assert [(o.color, o.shape, o.position) for o in plain.objects] == [("red", want.shape, want.position)]
+        read = [(o.color, o.shape, o.position) for o in steered.objects]
+        assert read == [(target, want.shape, want.position)]
 
 
 def test_several_sites_at_once_equal_nested_blocks(pipe, sae):
