@@ -340,6 +340,16 @@ def test_bad_input_is_a_clear_error_and_the_next_request_is_unchanged(shapes_app
     assert _hooks(shapes_app[1]) == 0
 
 
+def test_a_text_site_shows_token_norms_though_the_release_has_a_text_sae_there(shapes_app):
+    """The packaged SAEs cover the text streams (for steering captions); the app paints image tokens,
+    so at a text site it shows the residual's norms, as at a site without a dictionary."""
+    text_site = "transformer_blocks.1.text"
+    assert fluxsae.load_sae("shapes", site=text_site).site == text_site
+    out = _generate(_client(shapes_app[0]), site=text_site)
+    assert out[3]["data"] in ([], [[]]) and "norm" in out[2].lower()
+    assert views.Dictionaries("shapes").get(text_site, "SAE") is None
+
+
 def test_odd_prompts_generate_and_leave_the_pipeline_unchanged(shapes_app):
     client = _client(shapes_app[0])
     before = _steer(client, strength="5")  # a number as a string is fine
