@@ -328,6 +328,11 @@ def export_sae(
         raise TypeError(f"export_sae writes TopK SAEs, got {type(sae).__name__}; ITDAs have no such format")
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    if sae.cfg.batch_topk:
+        raise ValueError(
+            "This SAE is BatchTopK (cfg.batch_topk): it encodes by a threshold, which the exported "
+            "per-token TopK formats cannot express. Share it in fluxsae's own folder format (sae.save)."
+        )
     folder = Path(folder)
     folded = sae.fold_normalization() if sae._norm_kind != "identity" else sae
     w = {

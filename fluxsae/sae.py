@@ -56,8 +56,9 @@ class SAEConfig(DictionaryConfig):
     The provenance fields (site, base model, steps, ...) are those of `DictionaryConfig`."""
 
     ARCHITECTURE: ClassVar[str] = "topk"
-    FORMAT_VERSION: ClassVar[int] = 2
-    """2 added `matryoshka` (version 1 files are plain TopK SAEs)."""
+    FORMAT_VERSION: ClassVar[int] = 3
+    """2 added `matryoshka` (version 1 files are plain TopK SAEs); 3 added `batch_topk` and
+    `threshold` (version 2 files are per-token TopK)."""
     LABEL: ClassVar[str] = "SAE"
 
     d_in: int
@@ -88,6 +89,15 @@ class SAEConfig(DictionaryConfig):
     over the prefixes and the whole dictionary. Empty: a plain TopK SAE. Only training changes: encode
     and decode are the same, and the first features are the most general."""
 
+    batch_topk: bool = False
+    """BatchTopK (Bussmann et al. 2024): training keeps the N x k largest activations of a batch of N
+    tokens, so a token may use more or fewer than k features; encoding then keeps the activations
+    above `threshold`, at most BATCH_TOPK_SLOTS x k per token. False: exactly k per token."""
+
+    threshold: float = 0.0
+    """BatchTopK's encoding threshold on the pre-activations: the running mean of the smallest kept
+    activation of the training batches (set when the SAE is saved)."""
+
     architecture: Literal["topk"] = "topk"
     """Dictionary type stored in this folder (the Hub layout names it in cfg.json)."""
 
@@ -111,6 +121,10 @@ class SAEConfig(DictionaryConfig):
                 "SAEConfig.matryoshka must be increasing whole widths between 0 and "
                 f"n_features={self.n_features} (e.g. (16, 128, 512)), got {self.matryoshka!r}"
             )
+        if not isinstance(self.batch_topk, bool):
+            raise ValueError(f"SAEConfig.batch_topk must be True or False, got {self.batch_topk!r}")
+        if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold < float("inf")):
+            raise ValueError(f"SAEConfig.threshold must be a finite number >= 0, got {self.threshold!r}")
         if self.architecture != "topk":
             raise ValueError(f"SAEConfig.architecture must be 'topk', got {self.architecture!r}")
 
@@ -118,7 +132,20 @@ class SAEConfig(DictionaryConfig):
     def upgrade(cls, d: dict, version: int) -> dict:
         if version < 2 and "matryoshka" not in d:
             d = {**d, "matryoshka": []}  # version 1 SAEs were plain TopK
+        if version < 3:
+            d = {"batch_topk": False, "threshold": 0.0, **d}  # version 2 SAEs were per-token TopK
         return d
+
+    @property
+    def slots(self) -> int:
+        """Code slots per token: k, or for BatchTopK the most features one token may use."""
+        return min(self.n_features, BATCH_TOPK_SLOTS * self.k) if self.batch_topk else self.k
+
+
+BATCH_TOPK_SLOTS = 4
+"""A BatchTopK token may use up to this many times k features (the rest of the batch then uses fewer)."""
+THRESHOLD_MOMENTUM = 0.99
+"""BatchTopK: the running threshold moves this slowly towards each batch's smallest kept activation."""
 
 
 _ENCODER_INIT_NORM = 0.7
@@ -160,8 +187,11 @@ class TopKSAE(Dictionary):
         self.register_buffer("norm_transform", torch.eye(d, **kw))
         self.register_buffer("norm_inverse", torch.eye(d, **kw))
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long, device=device))
+        # BatchTopK's running threshold (0 until the first training batch); saved into cfg.threshold.
+        self.register_buffer("threshold", torch.full((), float(cfg.threshold), **kw))
         self._norm_kind = "identity"
         self.register_load_state_dict_post_hook(_after_load_state_dict)
+        self._register_load_state_dict_pre_hook(_threshold_if_missing, with_module=True)
 
     CONFIG = SAEConfig
     WEIGHTS_FILE = WEIGHTS_FILE
@@ -288,6 +318,7 @@ class TopKSAE(Dictionary):
         }
         folded = TopKSAE._from_weights(self.cfg, weights, self.device, self.dtype)
         folded.tokens_since_fired.copy_(self.tokens_since_fired)
+        folded.threshold.copy_(self.threshold)
         return folded.train(self.training)
 
     @classmethod
@@ -302,6 +333,7 @@ class TopKSAE(Dictionary):
             sae.norm_transform.copy_(torch.eye(cfg.d_in))
             sae.norm_inverse.copy_(torch.eye(cfg.d_in))
             sae.tokens_since_fired.zero_()
+            sae.threshold.fill_(float(cfg.threshold))
         sae._norm_kind = "identity"
         return sae
 
@@ -316,13 +348,30 @@ class TopKSAE(Dictionary):
     # -- encode / decode -----------------------------------------------------------------------
 
     def _encode_flat(self, z: Tensor, aux_k: int = 0, dead: Tensor | None = None):
-        return FusedEncoder.apply(z - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, aux_k, dead)
+        return FusedEncoder.apply(z - self.b_dec, self.W_enc, self.b_enc, self.cfg.slots, aux_k, dead)
 
     def encode_sparse(self, x: Tensor) -> SparseCode:
-        """Raw activations [..., d_in] -> SparseCode(values, indices) [..., k]."""
+        """Raw activations [..., d_in] -> SparseCode(values, indices) [..., k] ([..., cfg.slots] for
+        BatchTopK, whose values below `cfg.threshold` are 0)."""
         lead = x.shape[:-1]
         top_acts, top_idx, _, _ = self._encode_flat(self.normalize(x).reshape(-1, self.cfg.d_in))
+        if self.cfg.batch_topk:
+            top_acts = top_acts * (top_acts > self.threshold)
         return SparseCode(top_acts.view(*lead, -1), top_idx.view(*lead, -1))
+
+    def _batch_topk(self, top_acts: Tensor) -> Tensor:
+        """Training: keep the N x k largest of a batch's [N, slots] activations (0 elsewhere) and move
+        the running threshold towards the smallest one kept."""
+        keep = min(top_acts.numel(), top_acts.shape[0] * self.cfg.k)
+        smallest = top_acts.detach().flatten().topk(keep, sorted=False).values.min()
+        kept = top_acts * (top_acts >= smallest)
+        if self.training:
+            with torch.no_grad():
+                if self.threshold == 0:
+                    self.threshold.copy_(smallest)
+                else:
+                    self.threshold.lerp_(smallest.to(self.threshold.dtype), 1 - THRESHOLD_MOMENTUM)
+        return kept
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """values, indices [..., k] -> x_hat [..., d_in] in raw space; no dense codes built."""
@@ -349,6 +398,8 @@ class TopKSAE(Dictionary):
             dead = self.dead_mask().nonzero().squeeze(1)
             dead = dead if dead.numel() else None
         top_acts, top_idx, aux_acts, aux_idx = self._encode_flat(z, self.cfg.aux_k, dead)
+        if self.cfg.batch_topk:
+            top_acts = self._batch_topk(top_acts) if self.training else top_acts * (top_acts > self.threshold)
         z_hat = SparseDecode.apply(top_acts, top_idx, self.W_dec) + self.b_dec
         # mse_loss(reduction="sum") is sum((a - b)^2) in one fused pass, and its backward too.
         total_variance = _total_variance(z)
@@ -413,6 +464,8 @@ class TopKSAE(Dictionary):
         folded = self.fold_normalization() if self._norm_kind != "identity" else self
         tensors = {name: getattr(folded, name) for name in WEIGHT_SHAPES}
         meta = {"format_version": SAEConfig.FORMAT_VERSION}
+        if self.cfg.batch_topk:
+            self.cfg = dataclasses.replace(self.cfg, threshold=float(self.threshold))
         save_tensors(folder / WEIGHTS_FILE, tensors, metadata=meta)
         write_json(folder / CFG_FILE, self.cfg.to_dict())
 
@@ -451,6 +504,11 @@ def _total_variance(x: Tensor) -> Tensor:
     """sum((x - mean_over_batch(x))^2) for x [N, d], kept away from 0."""
     total = F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
     return total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _threshold_if_missing(module: TopKSAE, state_dict, prefix, *_args) -> None:
+    """State dicts saved before BatchTopK (e.g. a checkpoint of a run being resumed) lack `threshold`."""
+    state_dict.setdefault(prefix + "threshold", module.threshold.detach().clone())
 
 
 def _after_load_state_dict(module: TopKSAE, _incompatible_keys) -> None:

@@ -63,6 +63,9 @@ class TrainConfig:
     matryoshka: tuple[int, ...] = ()
     """Matryoshka prefix widths (e.g. 16,128,512): the first m features must also reconstruct alone,
     which keeps general features general (`SAEConfig.matryoshka`); empty: a plain TopK SAE."""
+    batch_topk: bool = False
+    """BatchTopK: keep the batch's N x k largest activations rather than k per token; encoding then
+    uses the running threshold (`SAEConfig.batch_topk`)."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
     dead_after_tokens: int = 2_000_000
@@ -96,6 +99,7 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
         d_in=store.dim(cfg.site), n_features=cfg.n_features, k=cfg.k, site=cfg.site,
         base_model=harvest["model"], base_revision=harvest.get("revision"), normalization=cfg.normalization,
         aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens, matryoshka=tuple(cfg.matryoshka),
+        batch_topk=cfg.batch_topk,
         mean_token_norm=sample.norm(dim=-1).mean().item(), steps=tuple(harvest["steps"]),
         resolution=(gen["height"], gen["width"]), dtype=harvest["dtype"],
         quantization=harvest.get("quantization"),
