@@ -161,6 +161,19 @@ def test_swapping_a_colour_feature_in_the_text_stream_recolours_the_object(pipe)
         assert read == [(target, want.shape, want.position)]
 
 
+def test_a_text_region_steers_only_its_text_tokens(pipe):
+    direction = Directions(torch.arange(128.0), TXT, 10.0, "shapes")
+    words = torch.zeros(24, dtype=torch.bool)
+    words[[1, 2, 3]] = True  # "large red circle" of "a large red circle at ..."
+    pre, post = before_and_after(pipe, TXT, dictionary=direction, features={0: 2.0}, steps=[0], region=words)
+    changed = (post[0, 0] != pre[0, 0]).any(-1)
+    assert changed.nonzero().flatten().tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="masks 23 text tokens but transformer_blocks.3.text has 24"):
+        with steer(pipe, direction, {0: 1.0}, region=words[:23], steps=[0]):
+            image(pipe)
+    assert no_hooks_left(pipe)
+
+
 def test_several_sites_at_once_equal_nested_blocks(pipe, sae):
     s2 = fluxsae.load_sae("shapes", site=S2)
     with steer(pipe, [(sae, {7: 1.0}), (s2, {11: 1.0})]):
@@ -255,7 +268,12 @@ BAD = {  # case: (make (dictionary, features) from the SAE, other steer argument
     "flat region too long": (lambda sae: (sae, {3: 1.0}), {"region": torch.ones(65) > 0}, "region has shape"),
     "soft region": (lambda sae: (sae, {3: 1.0}), {"region": torch.full((8, 8), 0.7)}, "bool mask"),
     "empty region": (lambda sae: (sae, {3: 1.0}), {"region": ~ALL}, "no token"),
-    "region on a text site": (lambda sae: (plain_directions(TXT), {0: 1.0}), {"region": ALL}, "text site"),
+    "image region on a text site": (
+        lambda sae: (plain_directions(TXT), {0: 1.0}), {"region": ALL}, "mask over the text tokens"
+    ),
+    "empty text region": (
+        lambda sae: (plain_directions(TXT), {0: 1.0}), {"region": torch.zeros(24) > 0}, "no text token"
+    ),
     "site the pipeline lacks": (
         lambda sae: (plain_directions("transformer_blocks.18.image"), {0: 1.0}), {}, "out of range"
     ),
