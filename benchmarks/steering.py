@@ -4,7 +4,10 @@ Directions per concept (colour, shape), side by side:
 - "sae" / "itda": the packaged dictionary's best unit for the concept, by token AUROC against the
   Shapes truth (fluxsae.shapes.truth) on harvested activations (cond pass, codes averaged over steps);
 - "dom": the difference-of-means baseline, the concept's mean activation on its tokens minus elsewhere
-  (fluxsae.shapes.truth.difference_of_means), steered the same way through `steering.Directions`.
+  (fluxsae.shapes.truth.difference_of_means), steered the same way through `steering.Directions`;
+- "sae" at the text sites: the packaged text-stream SAEs' best units for the concept, by caption
+  AUROC (`ranked_text_units`); the swap clamps A's top 3 to 0 and adds B's best, on the whole caption
+  or, for region trials, on object 1's words only.
 
 A recipe says where and how: sites (one or several, image or text stream), add or swap (clamp colour
 A's unit to 0 and add B's; for dom: add B's direction and subtract A's), strength, steps, CFG pass,
@@ -46,7 +49,7 @@ import fluxsae
 from fluxsae import shapes
 from fluxsae.hooks import capture
 from fluxsae.shapes import truth
-from fluxsae.steering import Directions, steer
+from fluxsae.steering import Directions, decoder_rows, steer
 
 RESULTS = Path(__file__).parent / "results"
 DICT_SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
@@ -77,7 +80,7 @@ def object_in_cell(scene: shapes.Scene, position: str):
 @dataclass
 class Harvest:
     scenes: list
-    steps_acts: dict = field(default_factory=dict)  # image site -> [steps, n, 64, d]
+    steps_acts: dict = field(default_factory=dict)  # dictionary site -> [steps, n, tokens, d]
     mean_acts: dict = field(default_factory=dict)  # any site -> [n, tokens, d] (mean over steps)
     norms: dict = field(default_factory=dict)  # site -> mean token norm
 
@@ -94,7 +97,7 @@ def harvest(pipe, scenes, sites, batch: int = 32) -> Harvest:
             parts[s].append(acts[s])
     for s in sites:
         a = torch.cat(parts[s], dim=1)  # [steps, n, tokens, d]
-        if s in DICT_SITES:
+        if s in DICT_SITES or s.endswith(".text"):
             h.steps_acts[s] = a
         h.mean_acts[s] = a.mean(0)
         h.norms[s] = float(a.norm(dim=-1).mean())
@@ -113,6 +116,31 @@ def ranked_units(dictionary, h: Harvest, concepts, top: int = 3) -> dict[str, li
         values, units = torch.nan_to_num(aurocs[:, j], nan=-1.0).topk(top)
         out[c] = [(int(u), float(v)) for u, v in zip(units, values, strict=True)]
         assert out[c][0][0] == best[c][0]
+    return out
+
+
+def ranked_text_units(dictionary, h: Harvest, concepts, top: int = 3) -> dict[str, list[tuple[int, float]]]:
+    """The `top` units per concept of a text-stream dictionary, best first, by caption AUROC: a unit's
+    largest activation over the caption's text tokens (codes averaged over steps) on one-object
+    captions that name the concept against those that do not."""
+    a = h.steps_acts[dictionary.site]
+    one = [i for i, s in enumerate(h.scenes) if len(s.objects) == 1]
+    with torch.no_grad():
+        codes = torch.stack([dictionary.encode(a[i][one]) for i in range(a.shape[0])]).mean(0)
+    pooled = codes.amax(1)  # [n, U]: each unit's peak over the caption's tokens
+    masks = truth.scene_masks([h.scenes[i] for i in one])
+    labels = torch.from_numpy(np.stack([masks[c].any(1) for c in concepts], axis=1))
+    aurocs = torch.nan_to_num(truth.auroc(pooled, labels), nan=-1.0)  # [U, C]
+    # Many units separate the captions perfectly (AUROC 1.0): among those within 0.02 of the best,
+    # the one that carries the concept most, i.e. the largest gap in its decoded contribution.
+    row_norms = decoder_rows(dictionary, range(dictionary.cfg.n_features)).norm(dim=1)
+    contribution = pooled * row_norms  # [n, U]: how far each unit moves the caption's peak token
+    out = {}
+    for j, c in enumerate(concepts):
+        gap = contribution[labels[:, j]].mean(0) - contribution[~labels[:, j]].mean(0)
+        near = aurocs[:, j] >= aurocs[:, j].max() - 0.02
+        order = sorted(range(len(gap)), key=lambda u: (not near[u], -(gap[u] if near[u] else aurocs[u, j])))
+        out[c] = [(int(u), float(aurocs[u, j])) for u in order[:top]]
     return out
 
 
@@ -202,35 +230,40 @@ def specs(recipe: Recipe, d: Directory, source: str, target: str):
 
 
 @contextlib.contextmanager
-def steered(pipe, recipe: Recipe | None, d: Directory, source: str, target: str, region=None):
+def steered(pipe, recipe: Recipe | None, d: Directory, source: str, target: str, region=None,
+            text_region=None):  # fmt: skip
     if recipe is None:
         yield
         return
     text, image = specs(recipe, d, source, target)
     with contextlib.ExitStack() as stack:
-        for entries, where in ((text, None), (image, region)):
+        for entries, where in ((text, text_region), (image, region)):
             if entries:
                 stack.enter_context(steer(pipe, entries, steps=recipe.steps, cfg_pass=recipe.cfg_pass,
                                           region=where))
         yield
 
 
-def run_trials(pipe, recipe: Recipe | None, d: Directory, trials, attr: str, region_of=None, batch: int = 32):
+def run_trials(pipe, recipe: Recipe | None, d: Directory, trials, attr: str, region_of=None, batch: int = 32,
+               text_region_of=None):  # fmt: skip
     """Generate every trial (scene, source, target, seed) under `recipe`, grouped so that one steer
-    block serves a batch; returns the read scenes in trial order."""
+    block serves a batch; returns the read scenes in trial order. `region_of` / `text_region_of`: the
+    image / text tokens to steer for a scene."""
     read = [None] * len(trials)
     groups = defaultdict(list)
     by_pair = recipe is not None and (recipe.mode != "add" or bool(recipe.text_sites))
     for i, (_scene, source, target, _seed) in enumerate(trials):
         # What a steer block steers with depends on the target (and the source, for swaps and
         # ablations); a region differs per scene.
-        groups[i if region_of is not None else (source, target) if by_pair else target].append(i)
+        per_scene = region_of is not None or text_region_of is not None
+        groups[i if per_scene else (source, target) if by_pair else target].append(i)
     for idx in groups.values():
         for start in range(0, len(idx), batch):
             chunk = idx[start : start + batch]
             scene, source, target, _ = trials[chunk[0]]
             region = None if region_of is None else region_of(scene)
-            with steered(pipe, recipe, d, f"{attr}:{source}", f"{attr}:{target}", region):
+            words = None if text_region_of is None else text_region_of(pipe, scene)
+            with steered(pipe, recipe, d, f"{attr}:{source}", f"{attr}:{target}", region, words):
                 captions = [shapes.caption(trials[i][0]) for i in chunk]
                 images = generate(pipe, captions, [trials[i][3] for i in chunk])
             for i, im in zip(chunk, images, strict=True):
@@ -298,6 +331,15 @@ def object_region(scene) -> torch.Tensor:
     """Object 1's tokens, bool [8, 8]: those >= 25% covered by it, as in the truth's masks."""
     alone = shapes.Scene(objects=scene.objects[:1], background=scene.background)
     return torch.from_numpy(shapes.token_masks(alone)["object"])
+
+
+def object_words(pipe, scene) -> torch.Tensor:
+    """Object 1's words in the caption, bool [max_sequence_length] over its T5 tokens: "a small red
+    square at the left" of "a small red square at the left and a large blue square ..."."""
+    tokens = pipe.tokenizer_2.tokenize(shapes.caption(scene))
+    mask = torch.zeros(GEN["max_sequence_length"], dtype=torch.bool)
+    mask[: tokens.index("and")] = True
+    return mask
 
 
 def score_region(trials, read) -> dict:
@@ -396,7 +438,10 @@ LATE = (4, 5, 6, 7)
 START = Recipe("sae", strength=2.0, steps=LATE)
 """Where the sweeps start (from exploration on other trials); the benchmark then picks the default."""
 TEXT_SWAP = Recipe("dom", sites=T_SITES, mode="swap", strength=0.3, steps=tuple(range(8)))
-"""The best recipe found: swap the colour in the text stream of every double block (dom B - A)."""
+"""The difference-of-means text swap: the colour in the text stream of every double block (B - A)."""
+TEXT_SAE_SWAP = Recipe("sae", sites=T_SITES, mode="swap", strength=0.6, steps=tuple(range(8)), units=3)
+"""The best recipe found: at the text stream of every double block, clamp the 3 text-SAE features of
+colour A to 0 and add B's best, on every step (its strength chosen on the sweep trials)."""
 
 
 def with_method(recipe: Recipe, method: str) -> Recipe:
@@ -460,6 +505,9 @@ def main() -> None:
         dictionaries[("itda", site)] = fluxsae.load_itda("shapes", site=site)
         for m in ("sae", "itda"):
             units[(m, site)] = ranked_units(dictionaries[(m, site)], h, concepts)
+    for site in T_SITES:  # the packaged text-stream SAEs (training.shapes_dictionaries TEXT_SITES)
+        dictionaries[("sae", site)] = fluxsae.load_sae("shapes", site=site)
+        units[("sae", site)] = ranked_text_units(dictionaries[("sae", site)], h, concepts)
     d = Directory(dictionaries, units, {s: dom_directions(h, s, concepts) for s in dom_sites}, h.norms)
     out = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(),
@@ -515,6 +563,24 @@ def main() -> None:
         points.append({"x": s, **run(f"text swap s{s:g}", recipe, sweep, "color", "text_strength")})
     curves["colour: text swap (dom B - A, d0-3 text, steps 0-7)"] = {"x": "strength",
                                                                      "series": {"dom": points}}
+    points = []
+    for s in (0.3, 0.6, 1.0):
+        recipe = dataclasses.replace(TEXT_SAE_SWAP, strength=s)
+        points.append({"x": s, **run(f"text SAE swap s{s:g}", recipe, sweep, "color", "text_sae_strength")})
+    curves["colour: text SAE swap (A's 3 features to 0, add B's; d0-3 text, steps 0-7)"] = {
+        "x": "strength", "series": {"sae (text)": points}}
+    text_sae = dataclasses.replace(TEXT_SAE_SWAP, strength=best(points)["x"])
+    points = []
+    for span in ranges:
+        recipe = dataclasses.replace(text_sae, steps=span)
+        score = run(f"text SAE swap steps {span[0]}-{span[-1]}", recipe, sweep, "color", "text_sae_steps")
+        points.append({"x": f"{span[0]}-{span[-1]}", "steps": list(span), **score})
+    curves["colour: text SAE swap, step range (chosen strength)"] = {"x": "steps",
+                                                                    "series": {"sae (text)": points}}
+    text_sae = dataclasses.replace(text_sae, steps=tuple(best(points)["steps"]))
+    out["chosen_text_sae"] = {"recipe": text_sae.label(), "strength": text_sae.strength,
+                              "steps": list(text_sae.steps),
+                              "rule": "most trials turned and kept on the sweep trials"}
     base = dataclasses.replace(START, strength=strength, steps=tuple(steps))
     out["chosen_default"] = {"strength": strength, "steps": list(steps), "cfg_pass": base.cfg_pass,
                              "rule": "the SAE's most trials turned and kept on the sweep trials"}
@@ -547,6 +613,32 @@ def main() -> None:
             out.setdefault("ablation", {})[recipe.label()] = score
             print(f"[ablation] {recipe.label()}: {score}", flush=True)
     run("text swap (dom, d0-3 text)", TEXT_SWAP, final, "color", "colour_final")
+    run("text SAE swap (d0-3 text)", text_sae, final, "color", "colour_final")
+    run("text SAE swap (d0-3 text)", text_sae, shape_trials, "shape", "shape_final")
+    # The prompt's pass only, half the encoding work: the other pass reads the empty negative prompt
+    # (on which the colours' top-3 features still fire on 4-10% of the tokens, weakly).
+    text_cond = dataclasses.replace(text_sae, cfg_pass="cond")
+    run("text SAE swap (d0-3 text), cond pass", text_cond, final, "color", "colour_final")
+    run("text SAE swap (d0-3 text), cond pass", text_cond, shape_trials, "shape", "shape_final")
+    # The text stream has no region: the swap acts on the caption, where only object 1 names colour A
+    # (unless object 2 has it too).
+    read = run_trials(pipe, text_sae, d, region_trials, "color")
+    score = score_region(region_trials, read)
+    same = float(np.mean([s.objects[1].color == a for s, a, _, _ in region_trials]))
+    score.update(recipe=text_sae.label() + " (no region)", object_2_same_colour=same)
+    out["region"]["text SAE swap"] = score
+    print(f"[region] text SAE swap: {score}", flush=True)
+    # A region on the text side: the swap on object 1's words only.
+    read = run_trials(pipe, text_sae, d, region_trials, "color", text_region_of=object_words)
+    score = score_region(region_trials, read)
+    score.update(recipe=text_sae.label() + " (object 1's words)", object_2_same_colour=same)
+    out["region"]["text SAE swap, object 1's words"] = score
+    print(f"[region] text SAE swap on object 1's words: {score}", flush=True)
+    ablate_text = dataclasses.replace(text_sae, mode="ablate")
+    score = score_ablation(abl, run_trials(pipe, ablate_text, d, abl, "color"))
+    score["recipe"] = ablate_text.label()
+    out.setdefault("ablation", {})[ablate_text.label()] = score
+    print(f"[ablation] {ablate_text.label()}: {score}", flush=True)
     both = Recipe("sae", strength=0.5, steps=TEXT_SWAP.steps, text_sites=T_SITES,
                   text_strength=TEXT_SWAP.strength)
     run("sae d3 add s0.5 + text swap", both, final, "color", "colour_final")
@@ -554,7 +646,7 @@ def main() -> None:
     out["cost"] = cost(pipe, d, {
         "add (sae)": base, "clamp + add (sae swap)": dataclasses.replace(base, mode="swap"),
         "clamp + add (itda swap)": dataclasses.replace(base, method="itda", mode="swap"),
-        "text swap": TEXT_SWAP,
+        "text swap": TEXT_SWAP, "text SAE swap": text_sae, "text SAE swap, cond pass": text_cond,
     }, args.cost_rounds)
     print(f"[cost] {out['cost']}", flush=True)
     out["curves"] = curves

@@ -228,7 +228,10 @@ def main(argv=None) -> None:
         write_json(staging / method / "config.json", {
             "library": "fluxsae", "method": method, "base_model": "shapes", "sites": sites,
             "command": "python -m training.shapes_dictionaries",
-            "settings": {k: str(v) for k, v in vars(args).items() if k != "stages"},
+            "settings": {  # not --out / --work: where this machine kept them
+                **{k: str(v) for k, v in vars(args).items() if k not in ("stages", "out", "work")},
+                **({"text_sae": str(TEXT_SAE), "text_prompts": str(TEXT_PROMPTS)} if method == "sae" else {}),
+            },
         })  # fmt: skip
         (staging / method / "README.md").write_text(model_card(report, method))
         # the statistics heatmaps and rankings read (<site>/feature_stats.safetensors) belong to these weights
