@@ -23,15 +23,15 @@ feature):
 
     swap = [e for sae in text_saes for e in ((sae, {red[sae.site]: 0.0}, "clamp"),
                                               (sae, {blue[sae.site]: DEFAULT_TEXT_STRENGTH}, "add"))]
-    with fluxsae.steer(pipe, swap, steps=None):                 # every step
+    with fluxsae.steer(pipe, swap):         # text sites: every step (DEFAULT_TEXT_STEPS)
         ...
 Everything is checked before the context is entered, and the hooks (fluxsae.hooks.edit_site)
 are removed in `finally`: bad input raises ValueError with the pipeline untouched, and an
 exception during generation leaves it exactly as it was.
 
-Defaults (DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_TEXT_STRENGTH, DEFAULT_CFG_PASS) are what
-`python benchmarks/steering.py` found best on the Shapes model (benchmarks/README.md, "Steering";
-benchmarks/results/steering.json).
+Defaults (DEFAULT_STEPS, DEFAULT_TEXT_STEPS, DEFAULT_STRENGTH, DEFAULT_TEXT_STRENGTH,
+DEFAULT_CFG_PASS) are what `python benchmarks/steering.py` found best on the Shapes model
+(benchmarks/README.md, "Steering"; benchmarks/results/steering.json).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ when the generation runs; on the 8-step Shapes model, steps 4-7). Colour is sett
 the packaged (Matryoshka) SAE's best colour feature at transformer_blocks.3.image, strength 4, turned
 and kept the object in 10% of 30 trials on steps 4-7, 3% on 6-7, 2-7 and 0-7, 0% on 0-3, where the
 shape and cell broke in 43-80% of trials (reference work: the first 5 of 7 steps, on FLUX.1)."""
+DEFAULT_TEXT_STEPS: None = None
+"""Steps steered at a text-stream site when `steps` is left at its default: all of them. The caption's
+colour counts on every step: the text-SAE colour swap turned B in 87% of 30 sweep trials on steps 0-7,
+53% on 4-7, 20% on 0-3 (benchmarks/README.md, "Steering")."""
 DEFAULT_STRENGTH: float = 4.0
 """Strength given to features passed as a list of ids (add mode), in mean token norms. On steps
 4-7: 0, 0, 3, 10% turned and kept at strengths 0.5, 1, 2, 4. No strength reaches the 80% target with
@@ -420,7 +424,8 @@ def steer(
             {feature id: value} (clamp, in code units; 0 ablates). A list of ids adds each at
             DEFAULT_STRENGTH (DEFAULT_TEXT_STRENGTH at a text site). Several features stack.
         steps: denoising step indices to steer (from 0); a slice of range(number of steps), resolved
-            when the generation runs (slice(-4, None): the last four); None for all.
+            when the generation runs (slice(-4, None): the last four); None for all. Left at its
+            default, image sites take DEFAULT_STEPS and text sites DEFAULT_TEXT_STEPS (all).
         region: the tokens to steer (None: all). Image sites: a bool (or 0/1) mask over the token
             grid [rows, cols], flat [rows * cols], or a pixel mask [height, width], in which a token
             is in when >= half of its pixels are. Text sites: a bool mask over the text tokens
@@ -448,6 +453,7 @@ def steer(
     if cfg_pass not in ("cond", "uncond", "both"):
         raise ValueError(f"cfg_pass must be 'cond', 'uncond' or 'both', got {cfg_pass!r}.")
     keep = _steps(steps)
+    by_default = steps is DEFAULT_STEPS  # then text sites take DEFAULT_TEXT_STEPS
     plans = []
     for spec in specs:
         if not isinstance(spec, (list, tuple)) or len(spec) not in (2, 3):
@@ -462,9 +468,10 @@ def steer(
             if plan.is_noop:
                 continue
             fn = _edit(plan)
-            if isinstance(keep, slice):
-                fn = _on_slice(pipe, keep, fn)
-            stack.enter_context(edit_site(pipe, plan.site, fn, None if isinstance(keep, slice) else keep,
+            here = DEFAULT_TEXT_STEPS if by_default and plan.site.stream == "text" else keep
+            if isinstance(here, slice):
+                fn = _on_slice(pipe, here, fn)
+            stack.enter_context(edit_site(pipe, plan.site, fn, None if isinstance(here, slice) else here,
                                           cfg_pass=cfg_pass))
         yield
 

@@ -133,11 +133,21 @@ def colour_features(pipe, text_saes: dict, colours, per_colour: int = 2) -> dict
     return out
 
 
-def test_a_list_of_ids_at_a_text_site_adds_the_text_default_strength(pipe):
+def test_a_list_of_ids_at_a_text_site_adds_the_text_defaults_strength_and_steps(pipe, sae):
     text = fluxsae.load_sae("shapes", site="transformer_blocks.1.text")
-    pre, post = before_and_after(pipe, text.site, dictionary=text, features=[5], steps=[0])
+    with (
+        capture(pipe, text.site) as pre,
+        steer(pipe, [(text, [5]), (sae, [7])]),
+        capture(pipe, text.site) as post,
+    ):
+        image(pipe)
     want = DEFAULT_TEXT_STRENGTH * text.cfg.mean_token_norm * text.directions[5]
-    torch.testing.assert_close(post[0] - pre[0], want.expand_as(pre[0]), rtol=1e-4, atol=1e-4)
+    for step in range(8):  # every step at the text site, though the image site keeps the last four
+        torch.testing.assert_close(post[text.site][step] - pre[text.site][step],
+                                   want.expand_as(pre[text.site][step]), rtol=1e-4, atol=1e-4)
+    pre, post = before_and_after(pipe, D3, dictionary=sae, features=[7])
+    changed = [bool((post[i] != pre[i]).any()) for i in range(8)]
+    assert changed == [False] * 4 + [True] * 4
 
 
 def test_swapping_a_colour_feature_in_the_text_stream_recolours_the_object(pipe):
