@@ -620,8 +620,8 @@ def main() -> None:
     text_cond = dataclasses.replace(text_sae, cfg_pass="cond")
     run("text SAE swap (d0-3 text), cond pass", text_cond, final, "color", "colour_final")
     run("text SAE swap (d0-3 text), cond pass", text_cond, shape_trials, "shape", "shape_final")
-    # The text stream has no region: the swap acts on the caption, where only object 1 names colour A
-    # (unless object 2 has it too).
+    # Without a region the swap acts on the whole caption, where only object 1 names colour A (unless
+    # object 2 has it too).
     read = run_trials(pipe, text_sae, d, region_trials, "color")
     score = score_region(region_trials, read)
     same = float(np.mean([s.objects[1].color == a for s, a, _, _ in region_trials]))

@@ -38,7 +38,7 @@ TEXT_SITES = tuple(f"transformer_blocks.{i}.text" for i in range(4))
 (benchmarks/steering.py); at block 0 alone it turned 27-30%."""
 TEXT_SAE = dict(n_features=512, k=8, matryoshka=(32, 128), tokens=4_000_000, aux_k=128)
 """Text-stream SAE settings. A caption has 24 T5 tokens over a vocabulary of ~40 words, so 512
-features leave 52-66% dead and k 8 reconstructs it to held-out FVU 0.02-0.04."""
+features leave 56-69% dead and k 8 reconstructs it to held-out FVU 0.02-0.04."""
 TEXT_PROMPTS = 1500
 """Generations harvested for the text SAEs (24 tokens x 8 steps each per site)."""
 
@@ -207,11 +207,13 @@ def main(argv=None) -> None:
     )  # fmt: skip
     args = p.parse_args(argv)
 
-    staging = args.work / "package"
+    staging, built = args.work / "package", args.work / "report.json"
+    if args.stages == "text" and not built.is_file():
+        p.error(f"--stages text adds to a finished build, but {built} is missing: run the full build first.")
     staging.mkdir(parents=True, exist_ok=True)
     if args.stages == "text":
         # Only the text-stream SAEs: the image dictionaries (and the labels made from them) stay as built.
-        report = json.loads((args.work / "report.json").read_text())
+        report = json.loads(built.read_text())
     else:
         acts = harvest_stage(args)
         report = {
@@ -239,7 +241,7 @@ def main(argv=None) -> None:
         feature_stats.main(["--source", str(staging / method), "--kinds", method, "--sites", ",".join(todo)])
     with atomic_path(args.out, is_dir=True) as tmp:
         shutil.copytree(staging, tmp, dirs_exist_ok=True)
-    write_json(args.work / "report.json", report)
+    write_json(built, report)
     print(json.dumps(report, indent=2))
     if args.stages == "all":
         print("The packaged labels now describe old dictionaries: run `python -m training.shapes_labels`.")
