@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 import fluxsae
-from fluxsae import shapes
+from fluxsae import features, shapes
 from fluxsae.hooks import capture
 from fluxsae.shapes import truth
-from fluxsae.steering import Directions, decoder_rows, steer
+from fluxsae.steering import Directions, steer
 
 RESULTS = Path(__file__).parent / "results"
 DICT_SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
@@ -132,12 +132,12 @@ def ranked_text_units(dictionary, h: Harvest, concepts, top: int = 3) -> dict[st
     labels = torch.from_numpy(np.stack([masks[c].any(1) for c in concepts], axis=1))
     aurocs = torch.nan_to_num(truth.auroc(pooled, labels), nan=-1.0)  # [U, C]
     # Many units separate the captions perfectly (AUROC 1.0): among those within 0.02 of the best,
-    # the one that carries the concept most, i.e. the largest gap in its decoded contribution.
-    row_norms = decoder_rows(dictionary, range(dictionary.cfg.n_features)).norm(dim=1)
-    contribution = pooled * row_norms  # [n, U]: how far each unit moves the caption's peak token
+    # the one that carries the concept most (`features.contrast_scores`: its gap in decoded length).
     out = {}
     for j, c in enumerate(concepts):
-        gap = contribution[labels[:, j]].mean(0) - contribution[~labels[:, j]].mean(0)
+        on = torch.tensor(one)[labels[:, j]]
+        off = torch.tensor(one)[~labels[:, j]]
+        gap = features.contrast_scores(dictionary, a[:, on], a[:, off])
         near = aurocs[:, j] >= aurocs[:, j].max() - 0.02
         order = sorted(range(len(gap)), key=lambda u: (not near[u], -(gap[u] if near[u] else aurocs[u, j])))
         out[c] = [(int(u), float(aurocs[u, j])) for u in order[:top]]

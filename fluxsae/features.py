@@ -11,8 +11,9 @@ All of it starts from captured activations (`fluxsae.capture(pipe, [site]) as ac
 - `features_at`: the features ranked at one token, picked by index, grid cell or pixel.
 - `feature_activations` / `timestep_profile`: one feature's activations on an image, per step.
 - `feature_heatmap`: one feature painted on the image, on a colour scale fixed by its max activation.
-- `contrast_features`: the features that tell generations showing something (captions naming "red")
-  from others, at any site, the text stream included: what to clamp and add to swap one for another.
+- `contrast_features` / `contrast_scores`: the features that tell generations showing something
+  (captions naming "red") from others, at any site, the text stream included: what to clamp and add
+  to swap one for another.
 
 Steps below index the first axis of the captured tensor, which are the denoising steps when all steps
 were captured (the default of `capture`).
@@ -297,24 +298,18 @@ def feature_heatmap(
     return feature_overlay(image, values, vmin=0.0, vmax=vmax, colorbar=colorbar, **overlay_args)
 
 
-def contrast_features(
-    dictionary, acts_with: torch.Tensor, acts_without: torch.Tensor, n: int = 3
-) -> list[int]:
-    """The `n` features that most separate generations with a property from generations without it.
+def contrast_scores(dictionary, acts_with: torch.Tensor, acts_without: torch.Tensor) -> torch.Tensor:
+    """[F] how much each feature separates generations with a property from generations without it.
 
     Each generation's feature values are their peak over its tokens (codes averaged over steps) times
     the feature's decoder length, i.e. how far the feature moves the token where it is strongest; a
-    feature's score is the mean over `acts_with` minus the mean over `acts_without`. Best first; only
-    features scoring above 0.
+    feature's score is the mean over `acts_with` minus the mean over `acts_without`.
 
     acts_with, acts_without: captured activations [steps, batch, tokens, d] at the dictionary's site
-    (image or text stream), e.g. captions that name "red" against captions of other colours. At a text
-    site this finds the feature of a word, which `fluxsae.steer` can clamp to 0 while adding another's.
+    (image or text stream), e.g. captions that name "red" against captions of other colours.
     """
     from fluxsae.steering import decoder_rows
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}.")
     peaks = []
     for acts in (acts_with, acts_without):
         acts = check_acts(dictionary, acts)
@@ -324,6 +319,17 @@ def contrast_features(
             )
         peaks.append(step_averaged_codes(dictionary, acts).amax(1))  # [batch, F]
     length = decoder_rows(dictionary, range(n_features_of(dictionary))).norm(dim=1)
-    gap = (peaks[0].mean(0) - peaks[1].mean(0)) * length
-    order = gap.argsort(descending=True)[:n]
-    return [int(f) for f in order if gap[f] > 0]
+    return (peaks[0].mean(0) - peaks[1].mean(0)) * length
+
+
+def contrast_features(
+    dictionary, acts_with: torch.Tensor, acts_without: torch.Tensor, n: int = 3
+) -> list[int]:
+    """The `n` features with the highest `contrast_scores`, best first; only features scoring above 0.
+    At a text site this finds the feature of a word, which `fluxsae.steer` can clamp to 0 while adding
+    another's."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
+    scores = contrast_scores(dictionary, acts_with, acts_without)
+    order = scores.argsort(descending=True)[:n]
+    return [int(f) for f in order if scores[f] > 0]
