@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 
 import torch
+from shapes_activations import generate, parse_dicts
 
 import fluxsae
 from fluxsae import shapes
-from fluxsae.autointerp.examples import RandomDirections, capture_mlp, stack_steps
+from fluxsae.autointerp.examples import RandomDirections
 from fluxsae.autointerp.oracle import SINGLE_CONCEPTS
 from fluxsae.feature_stats import step_averaged_codes
-from fluxsae.fileio import load_tensors, save_tensors
 from fluxsae.shapes import truth
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,38 +55,6 @@ PROBE_KS = (1, 2, 5)
 ABSORBER_AUROC = 0.7
 """A unit counts as a (narrower) detector of a concept when its selection AUROC reaches this."""
 N_RANDOM = 2048
-
-
-def generate(n: int, seed: int, batch: int, cache: Path | None) -> dict[str, torch.Tensor]:
-    """Residual and MLP activations of both sites, every step: "<site>" and "mlp:<site>" ->
-    [steps, n, 64, width] float32 (the prompt's pass of true CFG, as `capture` keeps by default)."""
-    if cache is not None and cache.is_file():
-        tensors, meta = load_tensors(cache)
-        if meta.get("n") == n and meta.get("seed") == seed:
-            return tensors
-    pipe = fluxsae.load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    n_steps = shapes.GENERATION_DEFAULTS["num_inference_steps"]
-    scenes = shapes.sample_scenes(n, seed=seed)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, n, batch):
-        chunk = scenes[i : i + batch]
-        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        with (
-            torch.no_grad(),
-            fluxsae.capture(pipe, list(SITES)) as acts,
-            capture_mlp(pipe, SITES, truth.N_TOKENS) as mlp,
-        ):
-            pipe([shapes.caption(s) for s in chunk], generator=generators, output_type="latent",
-                 **shapes.GENERATION_DEFAULTS)  # fmt: skip
-        for site in SITES:
-            parts.setdefault(site, []).append(acts[site].float())
-            parts.setdefault(f"mlp:{site}", []).append(stack_steps(mlp[site], n_steps))
-        print(f"generated {i + len(chunk)}/{n}", flush=True)
-    out = {key: torch.cat(v, dim=1) for key, v in parts.items()}
-    if cache is not None:
-        save_tensors(cache, out, {"n": n, "seed": seed})
-    return out
 
 
 def _standardize(select: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,17 +151,6 @@ def full_probe(mean_acts: torch.Tensor, masks: dict, half: int) -> dict:
     return {"summary": summary, "per_concept": per_concept}
 
 
-def parse_dicts(specs: list[str]) -> dict[str, tuple[str, str]]:
-    """["name=folder", ...] -> name -> (folder, ""): the kind comes from the folder's cfg.json."""
-    out = {}
-    for spec in specs:
-        name, sep, where = spec.partition("=")
-        if not sep or not name or not where:
-            raise SystemExit(f"--dict takes NAME=FOLDER (a Hub-layout dictionary root), got {spec!r}")
-        out[name] = (where, "")
-    return out
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=int, default=200)
@@ -215,7 +172,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     start = time.perf_counter()
-    acts = generate(args.scenes, args.seed, args.batch_size, args.cache)
+    acts = generate(args.scenes, args.seed, args.batch_size, args.cache, SITES, mlp=True)
     scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
     masks = truth.scene_masks(scenes)
     half = args.scenes // 2
@@ -227,7 +184,7 @@ def main(argv=None) -> dict:
         mean_acts = acts[site].mean(0)
         site_results = {}
         for name, (where, method) in dictionaries.items():
-            dictionary = fluxsae.load_dictionary(where, site=site, method=method or None)
+            dictionary = fluxsae.load_dictionary(where, site=site, method=method)
             codes = step_averaged_codes(dictionary, acts[site])
             site_results[name] = score_units(codes, masks, half, sparse=True)
             site_results[name]["dictionary"] = {

@@ -28,46 +28,17 @@ import time
 from pathlib import Path
 
 import torch
+from shapes_activations import generate, parse_dicts
 
 import fluxsae
 from fluxsae import shapes
 from fluxsae.feature_stats import step_averaged_codes
-from fluxsae.fileio import load_tensors, save_tensors
 from fluxsae.shapes import truth
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 CONCEPTS = [f"color:{c}" for c in shapes.COLORS] + [f"shape:{s}" for s in shapes.SHAPES]
 THRESHOLDS = {"half_max": 0.5, "otsu": "otsu"}
-
-
-def generate(n: int, seed: int, batch: int, cache: Path | None) -> dict[str, torch.Tensor]:
-    """Step-by-step activations of both sites: site -> [steps, n, 64, d] (float32)."""
-    if cache is not None and cache.is_file():
-        tensors, meta = load_tensors(cache)
-        if meta.get("n") == n and meta.get("seed") == seed:
-            return tensors
-    pipe = fluxsae.load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    scenes = shapes.sample_scenes(n, seed=seed)
-    parts: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
-    for i in range(0, n, batch):
-        chunk = scenes[i : i + batch]
-        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        with torch.no_grad(), fluxsae.capture(pipe, list(SITES)) as acts:
-            pipe(
-                [shapes.caption(s) for s in chunk],
-                generator=generators,
-                output_type="latent",
-                **shapes.GENERATION_DEFAULTS,
-            )
-        for s in SITES:
-            parts[s].append(acts[s].float())
-        print(f"generated {i + len(chunk)}/{n}", flush=True)
-    out = {s: torch.cat(v, dim=1) for s, v in parts.items()}
-    if cache is not None:
-        save_tensors(cache, out, {"n": n, "seed": seed})
-    return out
 
 
 def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept: str) -> dict:
@@ -123,18 +94,11 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
     args = p.parse_args(argv)
-    dictionaries = {"sae": ("shapes", "sae"), "itda": ("shapes", "itda")}
-    if args.dict:
-        dictionaries = {}
-        for spec in args.dict:
-            name, sep, where = spec.partition("=")
-            if not sep or not name or not where:
-                raise SystemExit(f"--dict takes NAME=FOLDER, got {spec!r}")
-            dictionaries[name] = (where, None)
+    dictionaries = parse_dicts(args.dict) or {"sae": ("shapes", "sae"), "itda": ("shapes", "itda")}
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     start = time.perf_counter()
-    acts = generate(args.scenes, args.seed, args.batch_size, args.cache)
+    acts = generate(args.scenes, args.seed, args.batch_size, args.cache, SITES)
     seconds_generate = time.perf_counter() - start
     scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
     masks = truth.scene_masks(scenes)
