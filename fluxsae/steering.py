@@ -230,17 +230,23 @@ def _token_grid(pipe, height: int | None, width: int | None) -> tuple[int, int, 
     return int(height) // patch, int(width) // patch, patch
 
 
+def _bool_mask(region) -> torch.Tensor:
+    """A region as a bool tensor on the CPU: bool, or integers that are all 0 or 1."""
+    mask = region.detach().cpu() if isinstance(region, torch.Tensor) else torch.as_tensor(np.asarray(region))
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(
+            f"region must be a bool mask (or 0/1 integers), got dtype {mask.dtype}; for a soft or "
+            "0-255 mask pass e.g. mask > 0.5."
+        )
+    return mask.bool()
+
+
 def _region_tokens(region, pipe, height, width) -> tuple[torch.Tensor, int]:
     """A region -> (long token indices, image token count). See `steer` for what a region may be."""
     rows, cols, patch = _token_grid(pipe, height, width)
-    mask = region.detach().cpu() if isinstance(region, torch.Tensor) else torch.as_tensor(np.asarray(region))
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(
-                f"region must be a bool mask (or 0/1 integers), got dtype {mask.dtype}; for a soft or "
-                "0-255 mask pass e.g. mask > 0.5."
-            )
-        mask = mask.bool()
+    mask = _bool_mask(region)
     if tuple(mask.shape) in ((rows * cols,), (rows, cols)):
         tokens = mask.reshape(-1)
     elif tuple(mask.shape) == (rows * patch, cols * patch):
@@ -260,18 +266,15 @@ def _region_tokens(region, pipe, height, width) -> tuple[torch.Tensor, int]:
 
 def _text_tokens(region) -> tuple[torch.Tensor, int]:
     """A text-site region: a bool (or 0/1) mask over the text tokens -> (long indices, text token count)."""
-    mask = region.detach().cpu() if isinstance(region, torch.Tensor) else torch.as_tensor(np.asarray(region))
-    if mask.ndim != 1 or (
-        mask.dtype != torch.bool
-        and (mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all())
-    ):
+    mask = _bool_mask(region)
+    if mask.ndim != 1:
         raise ValueError(
             f"At a text site, region is a bool mask over the text tokens [max_sequence_length], got "
-            f"shape {tuple(mask.shape)} and dtype {mask.dtype}; e.g. the tokens of one object's words."
+            f"shape {tuple(mask.shape)}; e.g. the tokens of one object's words."
         )
-    if not mask.bool().any():
+    if not mask.any():
         raise ValueError("region selects no text token.")
-    return mask.bool().nonzero().flatten(), mask.numel()
+    return mask.nonzero().flatten(), mask.numel()
 
 
 def decoder_rows(dictionary, features: Iterable[int]) -> torch.Tensor:
