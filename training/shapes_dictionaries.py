@@ -43,25 +43,13 @@ TEXT_PROMPTS = 1500
 """Generations harvested for the text SAEs (24 tokens x 8 steps each per site)."""
 
 
-def harvest_stage(args) -> Path:
+def harvest_stage(folder: Path, sites, prompts: int) -> Path:
+    """Harvest `prompts` Shapes captions (scene seed 11, noise seed 0 + i) at `sites` into `folder`."""
     from training import harvest
 
-    folder = args.work / "harvest"
     harvest.main([
-        "--model", "shapes", "--prompts", "shapes", "--n-prompts", str(args.prompts),
-        "--prompt-seed", "11", "--seed", "0", "--sites", ",".join(args.sites), "--dtype", "bfloat16",
-        "--prompts-per-shard", "50", "--batch-size", "25", "--out", str(folder),
-    ])  # fmt: skip
-    return folder
-
-
-def text_harvest_stage(args) -> Path:
-    from training import harvest
-
-    folder = args.work / "text_harvest"
-    harvest.main([
-        "--model", "shapes", "--prompts", "shapes", "--n-prompts", str(TEXT_PROMPTS),
-        "--prompt-seed", "11", "--seed", "0", "--sites", ",".join(TEXT_SITES), "--dtype", "bfloat16",
+        "--model", "shapes", "--prompts", "shapes", "--n-prompts", str(prompts),
+        "--prompt-seed", "11", "--seed", "0", "--sites", ",".join(sites), "--dtype", "bfloat16",
         "--prompts-per-shard", "50", "--batch-size", "25", "--out", str(folder),
     ])  # fmt: skip
     return folder
@@ -215,14 +203,15 @@ def main(argv=None) -> None:
         # Only the text-stream SAEs: the image dictionaries (and the labels made from them) stay as built.
         report = json.loads(built.read_text())
     else:
-        acts = harvest_stage(args)
+        acts = harvest_stage(args.work / "harvest", args.sites, args.prompts)
         report = {
             "sae": sae_stage(args, acts, staging),
             "itda": itda_stage(args, acts, staging),
             "matryoshka": args.matryoshka,
         }
         report["spliced"] = spliced_stage(args, staging, {"sae": args.sites, "itda": args.sites})
-    report["sae_text"] = text_sae_stage(args, text_harvest_stage(args), staging)
+    text_acts = harvest_stage(args.work / "text_harvest", TEXT_SITES, TEXT_PROMPTS)
+    report["sae_text"] = text_sae_stage(args, text_acts, staging)
     report["text_sae"] = {k: list(v) if isinstance(v, tuple) else v for k, v in TEXT_SAE.items()}
     report["spliced"].update(spliced_stage(args, staging, {"sae": list(TEXT_SITES)}))
     for method in ("sae", "itda") if args.stages == "all" else ("sae",):
