@@ -47,7 +47,10 @@ WEIGHT_SHAPES = {
 }
 """The tensors of sae.safetensors and their shapes, as names of SAEConfig fields."""
 
-Normalization = Literal["none", "standardize", "pca"]
+Normalization = Literal["none", "standardize", "pca", "whiten"]
+
+WHITEN_POWER = 0.35
+"""Default power of the "whiten" normalisation (SAEConfig.whiten_power)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,10 @@ class SAEConfig(DictionaryConfig):
     The provenance fields (site, base model, steps, ...) are those of `DictionaryConfig`."""
 
     ARCHITECTURE: ClassVar[str] = "topk"
-    FORMAT_VERSION: ClassVar[int] = 3
+    FORMAT_VERSION: ClassVar[int] = 4
     """2 added `matryoshka` (version 1 files are plain TopK SAEs); 3 added `batch_topk` and
-    `threshold` (version 2 files are per-token TopK)."""
+    `threshold` (version 2 files are per-token TopK); 4 added `whiten_power` (the "whiten"
+    normalisation)."""
     LABEL: ClassVar[str] = "SAE"
 
     d_in: int
@@ -73,6 +77,11 @@ class SAEConfig(DictionaryConfig):
     normalization: Normalization = "standardize"
     """How inputs were normalised during training. Saved weights always work on raw activations:
     the normalisation is folded into them."""
+
+    whiten_power: float = WHITEN_POWER
+    """For normalization "whiten": standardised inputs are multiplied by C^-whiten_power, C their
+    correlation matrix (eigenvalues floored at 1e-4 of the largest): 0 is plain standardisation, 0.5
+    full (ZCA) whitening; in between, partial whitening. Unused by the other normalisations."""
 
     aux_k: int = 0
     """AuxK: dead features per token used in the auxiliary loss; 0 turns it off (Gao et al.: 512)."""
@@ -108,9 +117,14 @@ class SAEConfig(DictionaryConfig):
             raise ValueError(f"SAEConfig.k={self.k} exceeds n_features={self.n_features}")
         if not 0 <= self.aux_k <= self.n_features:
             raise ValueError(f"SAEConfig.aux_k must be in [0, n_features], got {self.aux_k}")
-        if self.normalization not in ("none", "standardize", "pca"):
+        if self.normalization not in ("none", "standardize", "pca", "whiten"):
             raise ValueError(
-                f"SAEConfig.normalization must be 'none', 'standardize' or 'pca', got {self.normalization!r}"
+                "SAEConfig.normalization must be 'none', 'standardize', 'pca' or 'whiten', "
+                f"got {self.normalization!r}"
+            )
+        if not (isinstance(self.whiten_power, (int, float)) and 0 <= self.whiten_power <= 0.5):
+            raise ValueError(
+                f"SAEConfig.whiten_power must be a number in [0, 0.5], got {self.whiten_power!r}"
             )
         object.__setattr__(self, "matryoshka", tuple(self.matryoshka))
         bounds = (0, *self.matryoshka, self.n_features)
@@ -134,6 +148,8 @@ class SAEConfig(DictionaryConfig):
             d = {**d, "matryoshka": []}  # version 1 SAEs were plain TopK
         if version < 3:
             d = {"batch_topk": False, "threshold": 0.0, **d}  # version 2 SAEs were per-token TopK
+        if version < 4:
+            d = {"whiten_power": WHITEN_POWER, **d}  # no version 3 SAE used "whiten"
         return d
 
     @property
@@ -235,6 +251,8 @@ class TopKSAE(Dictionary):
 
         "standardize": subtract the mean, divide each dimension by its std. "pca" (the reference
         work's choice): rotate onto the principal axes and standardise each axis (PCA whitening).
+        "whiten": standardise, then shrink the correlation matrix's spectrum by the power
+        `cfg.whiten_power` (partial whitening: low-variance directions gain weight in the loss).
         Variances below eps x the largest are raised to it, so flat directions are not blown up.
         Records the method in `cfg.normalization`.
         """
@@ -246,13 +264,15 @@ class TopKSAE(Dictionary):
         else:
             if x.shape[0] < 2:
                 raise ValueError(f"fit_normalization needs at least 2 tokens, got {x.shape[0]}")
-            if method not in ("standardize", "pca"):
-                raise ValueError(f"unknown normalization {method!r}; use 'none', 'standardize' or 'pca'")
+            if method not in ("standardize", "pca", "whiten"):
+                raise ValueError(
+                    f"unknown normalization {method!r}; use 'none', 'standardize', 'pca' or 'whiten'"
+                )
             # Sums in float64 over row blocks: a FLUX-sized sample (65k x 3072) would take 1.5 GB per
             # float64 copy of it.
             rows = _stat_rows(d)
             mean = sum(_f64(x[i : i + rows]).sum(0) for i in range(0, len(x), rows)) / len(x)
-            if method == "standardize":
+            if method in ("standardize", "whiten"):
                 var = sum((_f64(x[i : i + rows]) - mean).pow(2).sum(0) for i in range(0, len(x), rows))
                 var, basis = var / len(x), torch.eye(d, dtype=torch.float64)
             else:
@@ -265,6 +285,8 @@ class TopKSAE(Dictionary):
                 raise ValueError("fit_normalization: the sample has zero variance in every dimension")
             std = var.clamp_min(eps * var.max()).sqrt()
             T, T_inv = basis / std, std[:, None] * basis.T
+            if method == "whiten":
+                T, T_inv = _partial_whitening(x, mean, std, self.cfg.whiten_power)
         for buf, value in ((self.norm_mean, mean), (self.norm_transform, T), (self.norm_inverse, T_inv)):
             buf.copy_(value)
         self.cfg = dataclasses.replace(self.cfg, normalization=method)
@@ -498,6 +520,26 @@ def _f64(block: Tensor) -> Tensor:
     if not torch.isfinite(block).all():
         raise ValueError("fit_normalization: the sample contains NaN or inf")
     return block
+
+
+WHITEN_EIGEN_FLOOR = 1e-4
+""""whiten": eigenvalues of the correlation matrix below this share of the largest are raised to it."""
+
+
+def _partial_whitening(x: Tensor, mean: Tensor, std: Tensor, power: float) -> tuple[Tensor, Tensor]:
+    """The "whiten" transform of a sample x [N, d] (float64 mean and std per dimension): T = S^-1 C^-p,
+    with S = diag(std), C the correlation matrix and p = power, and its inverse C^p S, so that
+    z = (x - mean) @ T. C^-p is symmetric (ZCA-like): the axes stay those of the standardised input."""
+    d, rows = x.shape[1], _stat_rows(x.shape[1])
+    corr = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, len(x), rows):
+        zc = (_f64(x[i : i + rows]) - mean) / std
+        corr.addmm_(zc.T, zc)
+    eigval, eigvec = torch.linalg.eigh(corr / len(x))
+    eigval = eigval.clamp_min(WHITEN_EIGEN_FLOOR * eigval.max())
+    shrink = eigvec @ torch.diag(eigval.pow(-power)) @ eigvec.T
+    grow = eigvec @ torch.diag(eigval.pow(power)) @ eigvec.T
+    return shrink / std[:, None], grow * std[None, :]
 
 
 def _total_variance(x: Tensor) -> Tensor:

@@ -178,7 +178,7 @@ def test_decode_sparse_equals_decode_of_dense_codes(shape, seed):
 # -- normalisation, folding, directions ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["standardize", "pca"])
+@pytest.mark.parametrize("method", ["standardize", "pca", "whiten"])
 def test_fold_normalization_is_exact(method):
     torch.manual_seed(0)
     d = 32
@@ -211,6 +211,30 @@ def test_normalization_whitens_the_sample():
         if method == "pca":
             torch.testing.assert_close(cov, torch.eye(16, dtype=F64), atol=1e-8, rtol=0)
         torch.testing.assert_close(sae.denormalize(z), x)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.25, 0.5])
+def test_whiten_shrinks_the_correlation_spectrum_by_its_power(power):
+    x = anisotropic(4000, 16)
+    sae = make_sae(16, 32, 4, normalization="whiten", whiten_power=power).fit_normalization(x)
+    assert sae.cfg.normalization == "whiten"
+    z = sae.normalize(x)
+    torch.testing.assert_close(sae.denormalize(z), x)
+    std = x.std(0, correction=0)
+    corr = torch.cov(((x - x.mean(0)) / std).T, correction=0)
+    # The correlation's eigenvalues e become e^(1 - 2p) with the same eigenvectors: p = 0 is plain
+    # standardisation, p = 0.5 full whitening.
+    eig, vec = torch.linalg.eigh(corr)
+    want = vec @ torch.diag(eig.pow(1 - 2 * power)) @ vec.T
+    torch.testing.assert_close(torch.cov(z.T, correction=0), want, atol=1e-8, rtol=1e-6)
+    if power == 0.0:
+        plain = make_sae(16, 32, 4).fit_normalization(x, "standardize")
+        torch.testing.assert_close(z, plain.normalize(x))
+
+
+def test_whiten_power_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"whiten_power must be a number in \[0, 0.5\]"):
+        make_sae(16, 32, 4, normalization="whiten", whiten_power=0.7)
 
 
 def test_flat_directions_are_not_blown_up():
@@ -307,7 +331,7 @@ def edit_cfg(**change):
             r"W_enc has shape \[64, 8\] but cfg.json says n_features=64 x d_in=16",
         ),
         (edit_weights(lambda t: t.pop("b_dec")), "sae.safetensors", r"missing tensors \['b_dec'\]"),
-        (edit_cfg(format_version=4), "cfg.json", "format_version 4 is newer.*upgrade fluxsae"),
+        (edit_cfg(format_version=5), "cfg.json", "format_version 5 is newer.*upgrade fluxsae"),
         (edit_cfg(colour="red"), "cfg.json", "unknown SAE config keys"),
         (lambda f: (f / "cfg.json").write_text('{"d_in": 16,'), "cfg.json", "not valid JSON"),
     ],
@@ -320,12 +344,14 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path, damage, file, words
     assert str(folder / file) in str(err.value)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_folder_loads_as_a_plain_per_token_topk_sae(tmp_path, version):
     sae, folder = saved(tmp_path)
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["format_version"] == 3 and cfg["matryoshka"] == [] and cfg["batch_topk"] is False
-    del cfg["batch_topk"], cfg["threshold"]
+    assert cfg["format_version"] == 4 and cfg["matryoshka"] == [] and cfg["batch_topk"] is False
+    del cfg["whiten_power"]
+    if version <= 2:
+        del cfg["batch_topk"], cfg["threshold"]
     if version == 1:
         del cfg["matryoshka"]
     (folder / "cfg.json").write_text(json.dumps({**cfg, "format_version": version}))

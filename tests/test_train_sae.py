@@ -80,6 +80,17 @@ def test_training_learns_and_writes_metrics_curves_and_a_loadable_sae(acts, tmp_
         fluxsae.load_sae(tmp_path / "dicts", site="single_transformer_blocks.0.image")
 
 
+def test_a_partially_whitened_sae_records_its_power_and_learns(acts, tmp_path):
+    train_sae.main(train_args(acts, tmp_path / "work", "--out", str(tmp_path / "dicts"),
+                              "--normalization", "whiten", "--whiten-power", "0.3"))  # fmt: skip
+    held = json.loads((tmp_path / "work" / "result.json").read_text())["held_out"]
+    assert held["fvu"] < 0.4, held
+    sae = fluxsae.load_sae(tmp_path / "dicts", site=SITE)
+    assert sae.cfg.normalization == "whiten" and sae.cfg.whiten_power == 0.3
+    x, _ = ActivationStore(acts / "acts").load(SITE, shards=[8, 9])
+    assert reconstruction_metrics(sae, x)["fvu"] == pytest.approx(held["fvu"], rel=1e-4)
+
+
 def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch):
     train_sae.main(train_args(acts, tmp_path / "clean", "--out", str(tmp_path / "a")))
     real_step = train_sae.train_step

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
-from fluxsae.sae import SAEConfig, TopKSAE
+from fluxsae.sae import WHITEN_POWER, SAEConfig, TopKSAE
 from fluxsae.sae_training import make_optimizer, train_step
 from training.cli import dictionary_command
 from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
@@ -55,8 +55,11 @@ class TrainConfig:
     """Tokens per step and per process: the global batch is batch_size x world size."""
     lr: float | None = None
     """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does."""
-    normalization: Literal["none", "standardize", "pca"] = "standardize"
+    normalization: Literal["none", "standardize", "pca", "whiten"] = "standardize"
     """Input normalisation learnt from `norm_sample` random training tokens, folded in on export."""
+    whiten_power: float = WHITEN_POWER
+    """For --normalization whiten: the power p of C^-p (0: standardise, 0.5: full whitening;
+    `SAEConfig.whiten_power`)."""
     norm_sample: int = 65_536
     """Training tokens drawn at random (seeded by `seed`) to fit the normalisation, initialise the
     decoder bias and measure the mean token norm; only these rows are read from disk."""
@@ -98,6 +101,7 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
     sae_cfg = SAEConfig(
         d_in=store.dim(cfg.site), n_features=cfg.n_features, k=cfg.k, site=cfg.site,
         base_model=harvest["model"], base_revision=harvest.get("revision"), normalization=cfg.normalization,
+        whiten_power=cfg.whiten_power,
         aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens, matryoshka=tuple(cfg.matryoshka),
         batch_topk=cfg.batch_topk,
         mean_token_norm=sample.norm(dim=-1).mean().item(), steps=tuple(harvest["steps"]),
