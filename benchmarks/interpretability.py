@@ -14,6 +14,9 @@ activation is averaged over the steps; the first half of the scenes chooses, the
 - sparse probing (SAEBench's, against the truth): the k = 1, 2, 5 units with the best selection AUROC
   for a concept, a logistic regression on them fitted on the selection half, AUROC on the evaluation
   half; the median over concepts;
+- the backgrounds' halo: for each background concept, the eval AUROC again with only its tokens next
+  to an object as positives (`auroc_eval_near`, a third of them), then only the others
+  (`auroc_eval_far`), every negative kept;
 - absorption (sparse units only): on the tokens of a concept, the share where the concept's main unit
   is silent while another unit that is itself a detector of the concept (selection AUROC >= 0.7) fires,
   i.e. the concept was absorbed by a narrower unit; and the number of such units (splitting).
@@ -38,6 +41,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from shapes_activations import generate, parse_dicts
 
@@ -47,6 +51,7 @@ from fluxsae.autointerp.examples import RandomDirections
 from fluxsae.autointerp.oracle import SINGLE_CONCEPTS
 from fluxsae.feature_stats import step_averaged_codes
 from fluxsae.shapes import truth
+from fluxsae.shapes.world import TOKEN_GRID
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
@@ -62,8 +67,8 @@ def _standardize(select: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tenso
     return (select - mean) / std, (other - mean) / std
 
 
-def logistic_auroc(x_select, y_select, x_eval, y_eval, l2: float = 1e-3, iters: int = 100) -> float:
-    """Fit a logistic regression on (x_select, y_select) with L-BFGS, return its AUROC on the eval half."""
+def logistic_scores(x_select, y_select, x_eval, l2: float = 1e-3, iters: int = 100) -> torch.Tensor:
+    """Fit a logistic regression on (x_select, y_select) with L-BFGS; its logits on x_eval [N] float32."""
     xs, xe = _standardize(x_select.double(), x_eval.double())
     w = torch.zeros(xs.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -78,13 +83,41 @@ def logistic_auroc(x_select, y_select, x_eval, y_eval, l2: float = 1e-3, iters: 
 
     opt.step(closure)
     with torch.no_grad():
-        scores = (xe @ w + b).float()[:, None]
-    return float(truth.auroc(scores, y_eval[:, None])[0, 0])
+        return (xe @ w + b).float()
+
+
+def logistic_auroc(x_select, y_select, x_eval, y_eval) -> float:
+    """`logistic_scores`' AUROC on the eval half."""
+    scores = logistic_scores(x_select, y_select, x_eval)
+    return float(truth.auroc(scores[:, None], y_eval[:, None])[0, 0])
 
 
 def _median(values) -> float:
     kept = [v for v in values if v == v]
     return statistics.median(kept) if kept else float("nan")
+
+
+def next_to_an_object(masks: dict) -> np.ndarray:
+    """bool [n, 64]: background tokens with an object token among their 8 neighbours on the 8x8 grid
+    (about a third of the background; some show a few of the object's pixels, under COVER_FRACTION)."""
+    grid = TOKEN_GRID
+    obj = masks["object"].reshape(-1, grid, grid)
+    padded = np.pad(obj, ((0, 0), (1, 1), (1, 1)))
+    near = np.zeros_like(obj)
+    for di in range(3):
+        for dj in range(3):
+            near |= padded[:, di : di + grid, dj : dj + grid]
+    return near.reshape(len(obj), -1) & ~masks["object"].reshape(len(obj), -1)
+
+
+def split_auroc(scores: torch.Tensor, positives: torch.Tensor, part: torch.Tensor) -> tuple[float, float]:
+    """AUROC of scores [N] with only the positives inside / outside `part` [N] kept (every negative
+    kept): how well a unit finds a background's tokens next to an object, and away from one."""
+    out = []
+    for keep in (part, ~part):
+        tokens = keep | ~positives
+        out.append(float(truth.auroc(scores[tokens][:, None], positives[tokens][:, None])[0, 0]))
+    return out[0], out[1]
 
 
 def score_units(units: torch.Tensor, masks: dict, half: int, *, sparse: bool) -> dict:
@@ -97,6 +130,7 @@ def score_units(units: torch.Tensor, masks: dict, half: int, *, sparse: bool) ->
     sel = torch.nan_to_num(sel_auroc, nan=-1.0)
     flat_sel = units[:half].reshape(half * truth.N_TOKENS, -1)
     flat_ev = units[half:].reshape((n - half) * truth.N_TOKENS, -1)
+    near_ev = torch.from_numpy(next_to_an_object(eval_masks).reshape(-1))
 
     per_concept = {}
     for c, concept in enumerate(names):
@@ -105,6 +139,8 @@ def score_units(units: torch.Tensor, masks: dict, half: int, *, sparse: bool) ->
         order = sel[:, c].argsort(descending=True)
         unit = int(order[0])
         row = {"unit": unit, "auroc_select": float(sel[unit, c]), "auroc_eval": float(ev_auroc[unit, c])}
+        if concept.startswith("background:"):
+            row["auroc_eval_near"], row["auroc_eval_far"] = split_auroc(flat_ev[:, unit], y_ev, near_ev)
         for k in PROBE_KS:
             chosen = order[:k]
             row[f"probe_{k}"] = logistic_auroc(flat_sel[:, chosen], y_sel, flat_ev[:, chosen], y_ev)
@@ -142,10 +178,15 @@ def full_probe(mean_acts: torch.Tensor, masks: dict, half: int) -> dict:
     n, _, d = mean_acts.shape
     x = mean_acts.reshape(n * truth.N_TOKENS, d)
     cut = half * truth.N_TOKENS
+    near_ev = torch.from_numpy(next_to_an_object({c: m[half:] for c, m in masks.items()}).reshape(-1))
     per_concept = {}
     for concept in CONCEPTS:
         y = torch.from_numpy(masks[concept].reshape(-1))
-        per_concept[concept] = {"auroc_eval": logistic_auroc(x[:cut], y[:cut], x[cut:], y[cut:])}
+        scores = logistic_scores(x[:cut], y[:cut], x[cut:])
+        row = {"auroc_eval": float(truth.auroc(scores[:, None], y[cut:, None])[0, 0])}
+        if concept.startswith("background:"):
+            row["auroc_eval_near"], row["auroc_eval_far"] = split_auroc(scores, y[cut:], near_ev)
+        per_concept[concept] = row
     evals = [r["auroc_eval"] for r in per_concept.values()]
     summary = {"coverage": sum(v >= 0.9 for v in evals) / len(evals), "median_best_auroc": _median(evals)}
     return {"summary": summary, "per_concept": per_concept}
