@@ -74,10 +74,11 @@ def site_figures(acts: torch.Tensor, codes: torch.Tensor, masks: dict, scenes: l
         y_ev = torch.from_numpy(masks[concept][half:].reshape(-1))
         unit = int(truth.auroc(c_sel, y_sel[:, None])[:, 0].argmax())
         scores = {"unit": c_ev[:, unit], **{k: x_ev @ v for k, v in directions(x_sel, y_sel).items()}}
-        row: dict = {"unit": unit}
+        row: dict = {}
         for name, s in scores.items():
             near, far = split_auroc(s, y_ev, near_ev)
             row[name] = {"all": auroc(s, y_ev), "next_to_an_object": near, "away": far}
+        row["unit"]["id"] = unit
         for name, v in directions(x_sel, y_sel).items():
             # In the standardised space the packaged SAEs' loss is measured in: x . v = z . (std * v).
             u = std * v
