@@ -24,14 +24,13 @@ scenes fit or choose, the other 100 score), per site and background:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
 import torch
 from interpretability import next_to_an_object, split_auroc
-from shapes_activations import generate, parse_dicts
+from shapes_activations import generate, parse_dicts, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -123,15 +122,10 @@ def main(argv=None) -> dict:
             figures = site_figures(acts[site], codes, masks, scenes, args.scenes // 2)
             results.setdefault(site, {})[name] = figures
             print(site, name, json.dumps(results[site][name]), flush=True)
-    report = {
-        "command": "python benchmarks/background_halo.py " + " ".join(argv or []),
-        "date": datetime.date.today().isoformat(),
+    return write_report(args.out, "python benchmarks/background_halo.py " + " ".join(argv or []), {
         "scenes": args.scenes, "seed": args.seed, "select": "first half", "eval": "second half",
         "seconds": round(time.perf_counter() - start, 1), "results": results,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

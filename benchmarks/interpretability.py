@@ -34,16 +34,13 @@ logistic probe on the whole residual (one probe per concept, the ceiling of a li
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from shapes_activations import generate, parse_dicts
+from shapes_activations import generate, parse_dicts, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -250,18 +247,11 @@ def main(argv=None) -> dict:
             print(site, "probe", site_results["probe"]["summary"], flush=True)
         results[site] = site_results
 
-    report = {
-        "command": "python benchmarks/interpretability.py " + " ".join(argv or []),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+    return write_report(args.out, "python benchmarks/interpretability.py " + " ".join(argv or []), {
         "scenes": args.scenes, "seed": args.seed, "select": "first half", "eval": "second half",
         "steps": "unit activations averaged over all 8 steps", "concepts": CONCEPTS,
         "seconds": round(time.perf_counter() - start, 1), "results": results,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ with m the midpoint of the two class means, so positive means "on the concept's 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from shapes_activations import generate, parse_dicts
+from shapes_activations import generate, parse_dicts, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -168,18 +166,12 @@ def main(argv=None) -> dict:
         }
         for key, rows in results.items()
     }  # fmt: skip
-    report = {
-        "command": "python benchmarks/localization.py",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+    report = write_report(args.out, "python benchmarks/localization.py", {
         "scenes": args.scenes, "seed": args.seed, "select_scenes": "first half", "eval_scenes": "second half",
         "concepts": CONCEPTS, "steps": "codes averaged over all 8 steps",
         "seconds": {"generate": round(seconds_generate, 1), "total": round(time.perf_counter() - start, 1)},
         "summary": summary, "per_concept": results,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    })  # fmt: skip
     print(json.dumps(summary, indent=2))
     return report
 

@@ -1,9 +1,12 @@
-"""What `interpretability.py` and `localization.py` share: the Shapes scenes' activations, generated
-once (and cached), and the `--dict NAME=FOLDER` option. Imported by those scripts, which run as
-`python benchmarks/<name>.py` (so this folder is on the path)."""
+"""What `interpretability.py`, `localization.py` and `background_halo.py` share: the Shapes scenes'
+activations, generated once (and cached), the `--dict NAME=FOLDER` option and the results file. Imported
+by those scripts, which run as `python benchmarks/<name>.py` (so this folder is on the path)."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,3 +66,17 @@ def parse_dicts(specs: list[str]) -> dict[str, tuple[str, None]]:
             raise SystemExit(f"--dict takes NAME=FOLDER (a Hub-layout dictionary root), got {spec!r}")
         out[name] = (where, None)
     return out
+
+
+def write_report(out: Path, command: str, fields: dict) -> dict:
+    """The results file of a run: the command, date and machine, then `fields`; written to `out`."""
+    report = {
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        **fields,
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
