@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from interpretability import next_to_an_object, split_auroc
-from shapes_activations import generate, parse_dicts, write_report
+from shapes_activations import generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -99,10 +99,7 @@ def site_figures(acts: torch.Tensor, codes: torch.Tensor, masks: dict, scenes: l
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=31337)
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
+    scene_arguments(p, SITES)
     p.add_argument("--dict", action="append", default=[], metavar="NAME=FOLDER",
                    help="dictionaries whose best unit to report (default: the packaged SAE)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="interpretability.py's file of generations")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shapes_activations import generate, parse_dicts, write_report
+from shapes_activations import generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -191,10 +191,7 @@ def full_probe(mean_acts: torch.Tensor, masks: dict, half: int) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=31337)
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
+    scene_arguments(p, SITES)
     p.add_argument(
         "--dict",
         action="append",

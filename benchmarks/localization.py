@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from shapes_activations import generate, parse_dicts, write_report
+from shapes_activations import generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -78,9 +78,7 @@ def _median(values) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=31337)
-    p.add_argument("--batch-size", type=int, default=25)
+    scene_arguments(p, SITES)
     p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the activations")
     p.add_argument("--out", type=Path, default=RESULTS / "localization.json")
     p.add_argument(
@@ -90,7 +88,6 @@ def main(argv=None) -> dict:
         metavar="NAME=FOLDER",
         help="score these dictionaries (Hub-layout roots, a folder per site), not the packaged",
     )
-    p.add_argument("--sites", type=lambda s: s.split(","), default=list(SITES))
     args = p.parse_args(argv)
     dictionaries = parse_dicts(args.dict) or {"sae": ("shapes", "sae"), "itda": ("shapes", "itda")}
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,5 +1,5 @@
 """What `interpretability.py`, `localization.py` and `background_halo.py` share: the Shapes scenes'
-activations, generated once (and cached), the `--dict NAME=FOLDER` option and the results file. Imported
+activations, generated once (and cached), their options, `--dict NAME=FOLDER` and the results file. Imported
 by those scripts, which run as `python benchmarks/<name>.py` (so this folder is on the path)."""
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def generate(
     if cache is not None:
         save_tensors(cache, out, {"n": n, "seed": seed})
     return out
+
+
+def scene_arguments(parser, sites: Sequence[str]) -> None:
+    """The options every script of these scenes takes: --scenes, --seed, --batch-size, --sites."""
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=31337)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--sites", type=lambda s: s.split(","), default=list(sites))
 
 
 def parse_dicts(specs: list[str]) -> dict[str, tuple[str, None]]:
