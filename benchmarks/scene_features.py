@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
-from fluxsae.sae_training import make_optimizer
+from fluxsae.sae_training import default_lr, make_optimizer, train_step
 from training.train_sae import TrainConfig, build_sae
 
 TOKENS_PER_IMAGE = 64
@@ -90,26 +90,22 @@ def main(argv=None) -> dict:
         matryoshka=tuple(int(m) for m in args.matryoshka.split(",") if m), aux_k=256, seed=args.seed,
     )  # fmt: skip
     sae = build_sae(cfg, store, train_shards)
-    opt = make_optimizer(sae, 2e-4 / (cfg.n_features / 2**14) ** 0.5)
+    opt = make_optimizer(sae, default_lr(cfg.n_features))
     data = images(store, args.site, train_shards)
     generator = torch.Generator().manual_seed(args.seed)
     steps = args.tokens // (args.images_per_batch * TOKENS_PER_IMAGE)
     scene_features = range(args.scene_offset, args.scene_offset + args.scene_features)
     start = time.perf_counter()
+
+    def scene_loss(out) -> torch.Tensor:
+        term = scene_term(out.values, out.indices, args.images_per_batch, scene_features, args.detach_total)
+        return args.scene_weight * term
+
     for step in tqdm(range(steps), desc="scene SAE"):
         pick = torch.randint(len(data), (args.images_per_batch,), generator=generator)
-        x = data[pick].reshape(-1, data.shape[-1])
-        out = sae(x)
-        loss = out.loss + sae.cfg.aux_coef * out.aux_loss
-        scene = scene_term(out.values, out.indices, args.images_per_batch, scene_features, args.detach_total)
-        loss = loss + args.scene_weight * scene
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
+        stats = train_step(sae, opt, data[pick].reshape(-1, data.shape[-1]), extra_loss=scene_loss)
         if step % 200 == 0:
-            print(f"step {step}: fvu {out.fvu.item():.4f} scene {scene.item():.3f}", flush=True)
+            print(f"step {step}: fvu {stats['fvu']:.4f} lambda x scene {stats['extra_loss']:.3f}", flush=True)
     folded = sae.fold_normalization()
     held_out, _ = store.load(args.site, eval_shards)
     metrics = reconstruction_metrics(folded, held_out)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fluxsae.sae import TopKSAE
+from fluxsae.sae import ForwardOutput, TopKSAE
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,32 @@ def make_optimizer(sae: TopKSAE, lr: float = 2e-4) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-10, fused=True)
 
 
-def train_step(model, optimizer: torch.optim.Optimizer, x: Tensor, *, clip_grad: float | None = None):
-    """One optimisation step on raw activations x [N, d_in]; loss = fvu + aux_coef * aux_loss.
+def default_lr(n_features: int) -> float:
+    """Adam's learning rate when none is given: 2e-4 / sqrt(n_features / 2**14), as sparsify picks."""
+    return 2e-4 / (n_features / 2**14) ** 0.5
+
+
+def train_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    *,
+    clip_grad: float | None = None,
+    extra_loss: Callable[[ForwardOutput], Tensor] | None = None,
+):
+    """One optimisation step on raw activations x [N, d_in]; loss = fvu + aux_coef * aux_loss, plus
+    `extra_loss(output of the forward pass)` when given (an experimental term).
 
     `model` is a TopKSAE or a DistributedDataParallel wrapping one. Returns floats
-    {"fvu", "aux_loss", "l0" (mean non-zeros per token), "dead_fraction"}.
+    {"fvu", "aux_loss", "l0" (mean non-zeros per token), "dead_fraction"}, and "extra_loss" when given.
     """
     sae: TopKSAE = getattr(model, "module", model)
     out = model(x)
     reconstruction = out.fvu if out.loss is None else out.loss  # a Matryoshka SAE's loss covers its prefixes
     loss = reconstruction + sae.cfg.aux_coef * out.aux_loss if sae.cfg.aux_k else reconstruction
+    extra = extra_loss(out) if extra_loss is not None else None
+    if extra is not None:
+        loss = loss + extra
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
@@ -52,4 +69,5 @@ def train_step(model, optimizer: torch.optim.Optimizer, x: Tensor, *, clip_grad:
         fvu, aux, l0, dead = torch.stack([out.fvu, out.aux_loss, l0, dead]).tolist()
     if not math.isfinite(fvu):
         log.warning("train_step: FVU is %s", fvu)
-    return {"fvu": fvu, "aux_loss": aux, "l0": l0, "dead_fraction": dead}
+    stats = {"fvu": fvu, "aux_loss": aux, "l0": l0, "dead_fraction": dead}
+    return stats if extra is None else {**stats, "extra_loss": extra.item()}

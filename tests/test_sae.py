@@ -540,6 +540,21 @@ def revival_run(aux_k, steps=40, live=12, n_true=16, d=32, batch=256):
     return out.fvu.item(), out.indices[out.values > 0].unique()
 
 
+def test_an_extra_loss_term_joins_the_step_and_is_reported():
+    x = anisotropic(256, 16, dtype=torch.float32)
+    runs = {}
+    for name, extra in {"none": None, "zero": lambda out: 0.0 * out.values.sum(),
+                        "l1": lambda out: 0.5 * out.values.sum() / len(out.values)}.items():  # fmt: skip
+        sae = make_sae(16, 64, 4, dtype=torch.float32).fit_normalization(x, "standardize")
+        opt = make_optimizer(sae, 1e-2)
+        stats = train_step(sae, opt, x, extra_loss=extra)
+        runs[name] = (sae.W_enc.detach().clone(), stats)
+    assert "extra_loss" not in runs["none"][1] and runs["zero"][1]["extra_loss"] == 0.0
+    torch.testing.assert_close(runs["zero"][0], runs["none"][0])  # a zero term changes nothing
+    assert runs["l1"][1]["extra_loss"] > 0
+    assert not torch.allclose(runs["l1"][0], runs["none"][0])  # a real term moves the weights
+
+
 def test_auxk_teaches_features_that_never_win_a_slot():
     fvu_plain, fired_plain = revival_run(aux_k=0)
     fvu_aux, fired_aux = revival_run(aux_k=4)

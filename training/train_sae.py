@@ -30,7 +30,7 @@ from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.sae import WHITEN_POWER, SAEConfig, TopKSAE
-from fluxsae.sae_training import make_optimizer, train_step
+from fluxsae.sae_training import default_lr, make_optimizer, train_step
 from training.cli import dictionary_command
 from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
 
@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per step and per process: the global batch is batch_size x world size."""
     lr: float | None = None
-    """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does."""
+    """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does (`default_lr`)."""
     normalization: Literal["none", "standardize", "pca", "whiten"] = "standardize"
     """Input normalisation learnt from `norm_sample` random training tokens, folded in on export."""
     whiten_power: float = WHITEN_POWER
@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
-    lr = cfg.lr if cfg.lr is not None else 2e-4 / (cfg.n_features / 2**14) ** 0.5
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
     opt = make_optimizer(sae, lr)
     ckpt = work / "checkpoint.safetensors"
     step, tokens = 0, 0
