@@ -284,9 +284,10 @@ class TopKSAE(Dictionary):
             if var.max() <= 0:
                 raise ValueError("fit_normalization: the sample has zero variance in every dimension")
             std = var.clamp_min(eps * var.max()).sqrt()
-            T, T_inv = basis / std, std[:, None] * basis.T
             if method == "whiten":
                 T, T_inv = _partial_whitening(x, mean, std, self.cfg.whiten_power)
+            else:
+                T, T_inv = basis / std, std[:, None] * basis.T
         for buf, value in ((self.norm_mean, mean), (self.norm_transform, T), (self.norm_inverse, T_inv)):
             buf.copy_(value)
         self.cfg = dataclasses.replace(self.cfg, normalization=method)
@@ -387,12 +388,11 @@ class TopKSAE(Dictionary):
         keep = min(top_acts.numel(), top_acts.shape[0] * self.cfg.k)
         smallest = top_acts.detach().flatten().topk(keep, sorted=False).values.min()
         kept = top_acts * (top_acts >= smallest)
-        if self.training:
-            with torch.no_grad():
-                if self.threshold == 0:
-                    self.threshold.copy_(smallest)
-                else:
-                    self.threshold.lerp_(smallest.to(self.threshold.dtype), 1 - THRESHOLD_MOMENTUM)
+        with torch.no_grad():
+            if self.threshold == 0:
+                self.threshold.copy_(smallest)
+            else:
+                self.threshold.lerp_(smallest.to(self.threshold.dtype), 1 - THRESHOLD_MOMENTUM)
         return kept
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
