@@ -113,6 +113,7 @@ class ActivationStore:
     store = ActivationStore("runs/harvest")
     acts, manifest = store.load("transformer_blocks.3.image", shards=range(0, 10))   # all in memory
     for x in store.batches(site, batch_size=4096, seed=0, rank=0, world_size=1): ...  # shuffled
+    for x in store.image_batches(site, images_per_batch=64, seed=0): ...  # whole images, shuffled
     for x in store.iter_rows(site, shards=[8, 9]): ...                   # in order, one batch at a time
     sample = store.sample_rows(site, shards=range(8), n=65_536, seed=0)  # only the sampled rows read
     """
@@ -347,6 +348,75 @@ class ActivationStore:
         )  # fmt: skip
         for x, _ in chunks:
             yield x
+
+    def tokens_per_image(self, site: str) -> int:
+        """Rows of one (prompt, step) pair of the site's stream: an image's tokens (or a caption's)."""
+        stream = parse_site(self._check_site(site)).stream
+        shard = next((s for s in self.shards if s.rows[stream]), None)
+        if shard is None:
+            raise ActivationStoreError(f"{self.folder} has no {stream} rows; harvest first.")
+        with safe_open(str(shard.path), framework="pt") as f:
+            prompt, step = f.get_tensor(f"{stream}/prompt_id"), f.get_tensor(f"{stream}/step")
+        same = (prompt == prompt[0]) & (step == step[0])
+        return int(same.int().argmin()) if not same.all() else len(same)
+
+    def image_batches(
+        self,
+        site: str,
+        images_per_batch: int,
+        *,
+        shards: list[int] | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shards_in_memory: int = 8,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:
+        """Like `batches`, but each batch holds whole images: [images_per_batch x tokens_per_image, d],
+        the rows of one (prompt, step) pair together and in token order, the images shuffled within a
+        window of `shards_in_memory` shards (shards across the epoch). For losses over an image's
+        tokens (`fluxsae.sae_training.scene_consistency`). A rank gets its share of each global batch
+        of `images_per_batch * world_size` images; a last incomplete global batch is dropped, so an
+        epoch has `steps_per_epoch(site, images_per_batch * tokens_per_image, world_size)` batches."""
+        site = self._check_site(site)
+        per_image = self.tokens_per_image(site)
+        pool = list(range(len(self.shards))) if shards is None else list(shards)
+        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        n_global = images_per_batch * world_size
+        part = slice(rank * images_per_batch, (rank + 1) * images_per_batch)
+        pending = None  # whole images a window left over [n, per_image, d], in the storage dtype
+        for start in range(0, len(order), shards_in_memory):
+            chosen = order[start : start + shards_in_memory]
+            window, manifest = self._window(site, chosen, with_manifest=True)
+            images = self._whole_images(window, manifest, per_image, chosen)
+            images = images[torch.randperm(len(images), generator=g)]
+            if pending is not None:
+                images = torch.cat([pending, images])
+            full = len(images) // n_global
+            for b in range(full):
+                yield images[b * n_global : (b + 1) * n_global][part].reshape(-1, images.shape[-1]).to(dtype)
+            pending = images[full * n_global :]
+            del window, manifest, images
+
+    def _whole_images(self, window, manifest, per_image: int, shards: list[int]) -> torch.Tensor:
+        """`window` [rows, d] as [images, per_image, d], after checking that its rows come in whole
+        (prompt, step) groups in token order, as `training.harvest` writes them."""
+        n = len(window)
+        ok = n % per_image == 0
+        if ok:
+            key = (manifest["prompt_id"].long() * 1_000_003 + manifest["step"].long()).view(-1, per_image)
+            token = manifest["token"].view(-1, per_image)
+            ok = bool((key == key[:, :1]).all() and (token == token[:, :1] + torch.arange(per_image)).all())
+        if not ok:
+            names = ", ".join(self.shards[i].path.name for i in shards)
+            raise ActivationStoreError(
+                f"The rows of {names} in {self.folder} do not come in whole images of {per_image} tokens "
+                "in token order, so batches of whole images cannot be cut from them. Harvest again "
+                "with `python -m training.harvest` (it writes rows in prompt, step, token order)."
+            )
+        return window.view(-1, per_image, window.shape[-1])
 
     def steps_per_epoch(self, site: str, batch_size: int, world_size: int = 1, shards=None) -> int:
         stream = parse_site(self._check_site(site)).stream

@@ -35,6 +35,31 @@ def default_lr(n_features: int) -> float:
     return 2e-4 / (n_features / 2**14) ** 0.5
 
 
+SCENE_EPS = 1e-6
+"""Added to the total variance in `scene_consistency`, so a feature silent on the whole batch costs 0."""
+
+
+def scene_consistency(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
+    """Mean over `features` of within-image variance / total variance of their activations, for a
+    batch of whole images (rows [i * T, (i + 1) * T) are image i, T = `tokens_per_image`; see
+    `ActivationStore.image_batches`).
+
+    0 when each feature is constant over every image (while differing between images, the share is
+    of the batch's own spread), 1 when images explain none of its variance. Added to the loss, it
+    asks those features to encode a property of the whole image, such as a scene's background, which
+    a reconstruction loss alone leaves mixed into the object features next to it
+    (benchmarks/README.md, "Interpretability").
+    """
+    width = len(features)
+    codes = out.values.new_zeros(out.values.shape[0], width)
+    inside = (out.indices >= features.start) & (out.indices < features.stop)
+    codes.scatter_add_(1, torch.where(inside, out.indices - features.start, 0), out.values * inside)
+    codes = codes.view(-1, tokens_per_image, width)
+    within = codes.var(dim=1, correction=0).mean(0)
+    total = codes.reshape(-1, width).var(0, correction=0)
+    return (within / (total + SCENE_EPS)).mean()
+
+
 def train_step(
     model,
     optimizer: torch.optim.Optimizer,

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ import pytest
 import torch
 
 import fluxsae
-from fluxsae.activations import ActivationStore
+from fluxsae.activations import ActivationStore, ActivationStoreError
 from fluxsae.evaluate import reconstruction_metrics, spliced_effect
 from fluxsae.hub import DictionaryMismatchError, DictionaryNotFoundError, check_matches_pipeline
 from fluxsae.sae import SAEConfig, TopKSAE
+from fluxsae.sae_training import scene_consistency
+from fluxsae.shapes.truth import auroc
 from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 from training import build_itda as build_cmd
 from training import harvest, shapes_model, train_sae
@@ -91,8 +94,9 @@ def test_a_partially_whitened_sae_records_its_power_and_learns(acts, tmp_path):
     assert reconstruction_metrics(sae, x)["fvu"] == pytest.approx(held["fvu"], rel=1e-4)
 
 
-def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch):
-    train_sae.main(train_args(acts, tmp_path / "clean", "--out", str(tmp_path / "a")))
+@pytest.mark.parametrize("scene", [[], ["--scene-features", "8"]], ids=["tokens", "whole_images"])
+def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch, scene):
+    train_sae.main(train_args(acts, tmp_path / "clean", "--out", str(tmp_path / "a"), *scene))
     real_step = train_sae.train_step
     calls = []
 
@@ -104,13 +108,13 @@ def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_sae, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train_sae.main(train_args(acts, tmp_path / "resumed", "--out", str(tmp_path / "b")))
+        train_sae.main(train_args(acts, tmp_path / "resumed", "--out", str(tmp_path / "b"), *scene))
     monkeypatch.setattr(train_sae, "train_step", real_step)
-    train_sae.main(train_args(acts, tmp_path / "resumed", "--out", str(tmp_path / "b")))
+    train_sae.main(train_args(acts, tmp_path / "resumed", "--out", str(tmp_path / "b"), *scene))
     a, b = weights(tmp_path / "a" / SITE), weights(tmp_path / "b" / SITE)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="other settings"):
-        train_sae.main(train_args(acts, tmp_path / "resumed", "--k", "8"))
+        train_sae.main(train_args(acts, tmp_path / "resumed", "--k", "8", *scene))
 
 
 def test_two_ddp_processes_match_one_with_the_same_global_batch(acts, tmp_path):
@@ -241,6 +245,131 @@ def test_shuffled_batches_are_the_ones_the_whole_window_in_memory_gave(acts):
                                      world_size=world, shards_in_memory=shards_in_memory))  # fmt: skip
             assert len(new) == len(old) > 0
             assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+
+
+def image_of_each_row(batch, x, manifest):
+    """(prompt, step) and token of each row of `batch`, found by exact match among the rows `x`."""
+    where = torch.cdist(batch, x).argmin(dim=1)
+    assert torch.equal(x[where], batch)
+    return manifest["prompt_id"][where] * 100 + manifest["step"][where], manifest["token"][where]
+
+
+def test_image_batches_hold_whole_images_in_token_order_each_once_an_epoch(acts):
+    store = ActivationStore(acts / "acts")
+    assert store.tokens_per_image(SITE) == 16
+    shards = list(range(8))  # 32 prompts x 4 steps = 128 images
+    x, manifest = store.load(SITE, shards)
+    seen = []
+    for batch in store.image_batches(SITE, 5, shards=shards, seed=2, epoch=1, shards_in_memory=3):
+        image, token = image_of_each_row(batch, x, manifest)
+        image, token = image.view(5, 16), token.view(5, 16)
+        assert (image == image[:, :1]).all() and (token == token[:, :1] + torch.arange(16)).all()
+        seen += image[:, 0].tolist()
+    assert len(seen) == len(set(seen)) == 125  # 25 batches of 5; the last 3 images are dropped
+    assert store.steps_per_epoch(SITE, 5 * 16, 1, shards) == 25
+    # The images are shuffled across the whole epoch (not shard by shard), and each epoch anew.
+    assert seen != sorted(seen)
+    epoch_2 = store.image_batches(SITE, 5, shards=shards, seed=2, epoch=2, shards_in_memory=3)
+    other = [image_of_each_row(b, x, manifest)[0][0].item() for b in epoch_2]
+    assert other != seen[::5]
+    # Two ranks split each global batch: together they see what one process with both halves sees.
+    one = list(store.image_batches(SITE, 8, shards=shards, seed=0, epoch=0))
+    for rank in range(2):
+        half = list(store.image_batches(SITE, 4, shards=shards, seed=0, epoch=0, rank=rank, world_size=2))
+        assert len(half) == len(one) == 16
+        assert all(torch.equal(h, o[rank * 64 : (rank + 1) * 64]) for h, o in zip(half, one, strict=True))
+
+
+def test_rows_out_of_image_order_are_refused_with_what_to_do(acts, tmp_path):
+    """A harvest whose rows were reordered (not by `training.harvest`) cannot give whole images."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "acts"
+    shutil.copytree(acts / "acts", folder)
+    path = sorted((folder / "shards").glob("*.safetensors"))[2]
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    swap = torch.arange(len(tensors[f"acts/{SITE}"]))
+    swap[[20, 40]] = swap[[40, 20]]  # two rows of different images trade places
+    tensors = {k: v[swap] if k == f"acts/{SITE}" or k.startswith("image/") else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=meta)
+    store = ActivationStore(folder)
+    message = f"{path.name}.*whole images of 16 tokens.*training.harvest"
+    with pytest.raises(ActivationStoreError, match=message):
+        list(store.image_batches(SITE, 4, shards=list(range(8))))
+
+
+@pytest.fixture(scope="module")
+def scene_world(acts, tmp_path_factory):
+    """The tiny harvest with a scene added: every image (prompt, step) gets one of three background
+    vectors on all its tokens, of 0.7 x the mean token norm. Returns (folder, background of a row)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def background(manifest):
+        return (manifest["prompt_id"] + manifest["step"].long()) % 3
+
+    root = tmp_path_factory.mktemp("scene_world")
+    shutil.copytree(acts / "acts", root / "acts")
+    x, _ = ActivationStore(acts / "acts").load(SITE)
+    vectors = torch.randn(3, x.shape[1], generator=torch.Generator().manual_seed(0))
+    vectors *= 0.7 * x.norm(dim=1).mean() / vectors.norm(dim=1, keepdim=True)
+    for path in sorted((root / "acts" / "shards").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        rows = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("image/")}
+        tensors[f"acts/{SITE}"] += vectors[background(rows)]
+        save_file(tensors, str(path), metadata=meta)
+    return root, background
+
+
+def scene_figures(folder, world, features=range(8)) -> tuple[float, float]:
+    """On the held-out images: (within-image / total variance of `features`, the worst over the three
+    backgrounds of the best of `features` at detecting it, as AUROC over tokens)."""
+    root, background = world
+    sae = TopKSAE.load(folder / SITE)
+    x, manifest = ActivationStore(root / "acts").load(SITE, shards=[8, 9])  # 32 whole images, in order
+    with torch.no_grad():
+        out = sae(x)
+    codes = torch.zeros(len(x), sae.cfg.n_features).scatter_add_(1, out.indices, out.values)
+    codes = codes[:, list(features)]
+    labels = torch.stack([background(manifest) == b for b in range(3)], dim=1)
+    best = auroc(codes, labels).nan_to_num(0.5).max(dim=0).values
+    return scene_consistency(out, 16, features).item(), best.min().item()
+
+
+def test_scene_features_detect_the_background_of_each_image_and_reconstruction_is_kept(scene_world, tmp_path):
+    root, _ = scene_world
+    train_sae.main(train_args(root, tmp_path / "plain", "--out", str(tmp_path / "plain_out")))
+    scene = ["--scene-features", "8", "--scene-weight", "1"]
+    train_sae.main(train_args(root, tmp_path / "scene", "--out", str(tmp_path / "scene_out"), *scene))
+    plain_share, plain_auroc = scene_figures(tmp_path / "plain_out", scene_world)
+    scene_share, scene_auroc = scene_figures(tmp_path / "scene_out", scene_world)
+    # Without the term, features 0-7 are whatever training made them; with it, they are the scene's.
+    assert scene_auroc > 0.9 and plain_auroc < scene_auroc - 0.1, (plain_auroc, scene_auroc)
+    assert scene_share < plain_share
+    plain_fvu, scene_fvu = (json.loads((tmp_path / w / "result.json").read_text())["held_out"]["fvu"]
+                            for w in ("plain", "scene"))  # fmt: skip
+    assert scene_fvu < 1.1 * plain_fvu
+    sae = fluxsae.load_sae(tmp_path / "scene_out", site=SITE)
+    assert sae.cfg.extra["training"]["scene_features"] == 8
+    rows = [json.loads(x) for x in (tmp_path / "scene" / "metrics.jsonl").read_text().splitlines()]
+    assert all("extra_loss" in r for r in rows if "fvu" in r)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--scene-features", "8", "--batch-size", "72"], "not a multiple of the 16 tokens.*use e.g. 64"),
+        (["--scene-features", "8", "--scene-offset", "124"], "must lie among the 128 features"),
+        (["--scene-features", "8", "--scene-weight", "-1"], "--scene-weight must be >= 0"),
+    ],
+)
+def test_bad_scene_settings_are_refused_before_any_work(acts, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train_sae.main(train_args(acts, tmp_path / "work", *extra))
+    assert not (tmp_path / "work").exists()
 
 
 def dense_metrics(dictionary, x):

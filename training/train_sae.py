@@ -30,7 +30,7 @@ from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.sae import WHITEN_POWER, SAEConfig, TopKSAE
-from fluxsae.sae_training import default_lr, make_optimizer, train_step
+from fluxsae.sae_training import default_lr, make_optimizer, scene_consistency, train_step
 from training.cli import dictionary_command
 from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
 
@@ -69,6 +69,15 @@ class TrainConfig:
     batch_topk: bool = False
     """BatchTopK: keep the batch's N x k largest activations rather than k per token; encoding then
     uses the running threshold (`SAEConfig.batch_topk`)."""
+    scene_features: int = 0
+    """Scene features: this many features, from --scene-offset on, are pushed to be constant over
+    each image (the loss adds --scene-weight x their within-image / total variance,
+    `fluxsae.sae_training.scene_consistency`) and batches hold whole images, so --batch-size must be
+    a multiple of an image's tokens. A scene's background then gets features of its own (0: off)."""
+    scene_offset: int = 0
+    """Index of the first scene feature (with --matryoshka, inside which prefix they lie)."""
+    scene_weight: float = 0.1
+    """lambda of the scene-consistency term."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
     dead_after_tokens: int = 2_000_000
@@ -113,6 +122,33 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
     sae.fit_normalization(sample, cfg.normalization)
     sae.init_b_dec_from_data(sample)
     return sae
+
+
+def scene_loss(cfg: TrainConfig, store: ActivationStore):
+    """(images per batch, the loss term of `train_step`) for `cfg`'s scene features, or (None, None)
+    without them; SystemExit says what is wrong with the settings."""
+    if not cfg.scene_features:
+        return None, None
+    features = range(cfg.scene_offset, cfg.scene_offset + cfg.scene_features)
+    if cfg.scene_features < 0 or cfg.scene_offset < 0 or features.stop > cfg.n_features:
+        raise SystemExit(
+            f"--scene-features {cfg.scene_features} from --scene-offset {cfg.scene_offset} must lie "
+            f"among the {cfg.n_features} features (0 <= offset, offset + count <= --n-features)."
+        )
+    if not cfg.scene_weight >= 0:
+        raise SystemExit(f"--scene-weight must be >= 0, got {cfg.scene_weight}.")
+    per_image = store.tokens_per_image(cfg.site)
+    if cfg.batch_size % per_image:
+        raise SystemExit(
+            f"--scene-features needs batches of whole images: --batch-size {cfg.batch_size} is not a "
+            f"multiple of the {per_image} tokens of one image at {cfg.site}; use e.g. "
+            f"{max(1, cfg.batch_size // per_image) * per_image}."
+        )
+
+    def loss(out):
+        return cfg.scene_weight * scene_consistency(out, per_image, features)
+
+    return cfg.batch_size // per_image, loss
 
 
 def _sync_dead_tracking(sae: TopKSAE, before: torch.Tensor, global_tokens: int, world: int) -> None:
@@ -162,6 +198,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     train_shards, eval_shards = split_shards(len(store.shards), cfg.held_out)
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to train on; harvest first.")
+    images_per_batch, extra_loss = scene_loss(cfg, store)
     claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
@@ -184,15 +221,17 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     t0 = time.time()
     while step < total_steps:
         epoch, skip = divmod(step, per_epoch)
-        batches = store.batches(
-            cfg.site, cfg.batch_size, shards=train_shards, seed=cfg.seed, epoch=epoch, rank=rank,
-            world_size=world, shards_in_memory=cfg.shards_in_memory,
-        )  # fmt: skip
+        where = dict(shards=train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
+                     shards_in_memory=cfg.shards_in_memory)  # fmt: skip
+        if images_per_batch is None:
+            batches = store.batches(cfg.site, cfg.batch_size, **where)
+        else:
+            batches = store.image_batches(cfg.site, images_per_batch, **where)
         for i, x in enumerate(batches):
             if i < skip:
                 continue
             before = sae.tokens_since_fired.clone()
-            stats = train_step(model, opt, x.to(device))
+            stats = train_step(model, opt, x.to(device), extra_loss=extra_loss)
             _sync_dead_tracking(sae, before, global_batch, world)
             step += 1
             tokens += global_batch
