@@ -33,6 +33,23 @@ from training import feature_stats
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 """The last double block (the reference work's main site is FLUX.1's last double block) and the
 middle of the single blocks."""
+SAE_K = {"single_transformer_blocks.2.image": 32}
+"""The SAE's L0 where it is not --k: at k 24 the single block's held-out FVU was 0.051-0.052, above
+0.05; at k 32 it is 0.041, with coverage of the Shapes concepts up from 0.53 to 0.67
+(benchmarks/README.md, Interpretability)."""
+
+
+def site_values(text: str) -> dict[str, int]:
+    """"SITE=K,SITE=K" -> {site: k}."""
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[1].strip().isdigit() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=K pairs separated by commas, K an integer")
+    return {site.strip(): int(k) for site, k in pairs}
+
+
+SCENE = dict(scene_features=12, scene_offset=4, scene_weight=0.1)
+"""Image-SAE scene features (`train_sae --scene-features`): features 4-15, inside the Matryoshka prefix
+of 16, pushed to be constant over each image."""
 TEXT_SITES = tuple(f"transformer_blocks.{i}.text" for i in range(4))
 """The text stream after every double block: swapping a colour there, at all four, turns the object
 (benchmarks/steering.py); at block 0 alone it turned 27-30%."""
@@ -74,9 +91,10 @@ def sae_stage(args, acts: Path, staging: Path) -> dict:
     results = {}
     for site in args.sites:
         cfg = TrainConfig(
-            acts=str(acts), site=site, n_features=args.n_features, k=args.k, tokens=args.tokens,
-            batch_size=4096, normalization="standardize", aux_k=256, held_out=0.1, seed=0,
-            matryoshka=tuple(args.matryoshka),
+            acts=str(acts), site=site, n_features=args.n_features, k=args.sae_k.get(site, args.k),
+            tokens=args.tokens, batch_size=4096, normalization="standardize", aux_k=256, held_out=0.1, seed=0,
+            matryoshka=tuple(args.matryoshka), scene_features=args.scene_features,
+            scene_offset=args.scene_offset, scene_weight=args.scene_weight,
         )  # fmt: skip
         results[site] = train(cfg, args.work / "sae" / site, staging / "sae")
     return results
@@ -138,6 +156,13 @@ def model_card(report: dict, method: str) -> str:
         ),
         "itda": "ITDA dictionaries (real activations, with their provenance in atoms.parquet)",
     }[method]
+    scene = report.get("scene") or {}
+    if method == "sae" and scene.get("scene_features"):
+        first, n = scene["scene_offset"], scene["scene_features"]
+        what += (
+            f"; at the image sites, features {first}-{first + n - 1} were trained to be constant over each "
+            f"image (scene-consistency term, lambda {scene['scene_weight']})"
+        )
     loader = {"sae": "load_sae", "itda": "load_itda"}[method]
     return "\n".join([
         "---", "library_name: fluxsae", "base_model: fluxsae/shapes", "license: apache-2.0",
@@ -177,12 +202,23 @@ def main(argv=None) -> None:
         help="L0 of both methods (k 16 left the double block's spliced-in velocity at 0.87 recovered)",
     )  # fmt: skip
     p.add_argument(
+        "--sae-k", type=site_values, default=dict(SAE_K),
+        help="SITE=K,...: the SAE's L0 at these sites instead of --k ('' for none)",
+    )  # fmt: skip
+    p.add_argument(
         "--matryoshka",
         type=lambda s: [int(v) for v in s.split(",") if v],
-        default=[32, 128, 512],
+        default=[4, 16, 128, 512],
         help="nested prefix widths of the Matryoshka SAEs ('' for plain TopK); they lift the median "
         "best-feature AUROC against the Shapes truth from 0.81 to 0.95 (benchmarks/interpretability.py)",
     )
+    p.add_argument(
+        "--scene-features", type=int, default=SCENE["scene_features"],
+        help="SAE features trained to be constant over each image (train_sae --scene-features; 0: none): "
+        "they give the backgrounds features of their own (benchmarks/README.md, Interpretability)",
+    )  # fmt: skip
+    p.add_argument("--scene-offset", type=int, default=SCENE["scene_offset"], help="the first scene feature")
+    p.add_argument("--scene-weight", type=float, default=SCENE["scene_weight"], help="lambda of their term")
     p.add_argument("--tokens", type=int, default=24_000_000, help="SAE training tokens")
     p.add_argument(
         "--itda-threshold", type=float, default=0.1,
@@ -195,6 +231,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     args = p.parse_args(argv)
 
+    if unknown := sorted(set(args.sae_k) - set(args.sites)):
+        p.error(f"--sae-k names {', '.join(unknown)}, not among --sites {','.join(args.sites)}.")
     staging, built = args.work / "package", args.work / "report.json"
     if args.stages == "text" and not built.is_file():
         p.error(f"--stages text adds to a finished build, but {built} is missing: run the full build first.")
@@ -208,6 +246,7 @@ def main(argv=None) -> None:
             "sae": sae_stage(args, acts, staging),
             "itda": itda_stage(args, acts, staging),
             "matryoshka": args.matryoshka,
+            "scene": {k: getattr(args, k) for k in SCENE},
         }
         report["spliced"] = spliced_stage(args, staging, {"sae": args.sites, "itda": args.sites})
     text_acts = harvest_stage(args.work / "text_harvest", TEXT_SITES, TEXT_PROMPTS)
