@@ -318,6 +318,12 @@ class ActivationStore:
         if keep_last and pending_x is not None and len(pending_x):
             yield rows(pending_x, pending_m, part)
 
+    def _epoch_order(self, shards: list[int] | None, seed: int, epoch: int) -> tuple[torch.Generator, list]:
+        """The epoch's generator (seed * EPOCH_SEED_STRIDE + epoch) and its shard order, drawn first."""
+        pool = list(range(len(self.shards))) if shards is None else list(shards)
+        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        return g, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+
     def batches(
         self,
         site: str,
@@ -339,9 +345,7 @@ class ActivationStore:
         A last incomplete global batch is dropped.
         """
         site = self._check_site(site)
-        pool = list(range(len(self.shards))) if shards is None else list(shards)
-        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
-        order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        g, order = self._epoch_order(shards, seed, epoch)
         chunks = self.shuffled_chunks(
             site, order, batch_size * world_size, g, shards_in_memory=shards_in_memory,
             part=slice(rank * batch_size, (rank + 1) * batch_size), dtype=dtype,
@@ -381,9 +385,7 @@ class ActivationStore:
         epoch has `steps_per_epoch(site, images_per_batch * tokens_per_image, world_size)` batches."""
         site = self._check_site(site)
         per_image = self.tokens_per_image(site)
-        pool = list(range(len(self.shards))) if shards is None else list(shards)
-        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
-        order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        g, order = self._epoch_order(shards, seed, epoch)
         n_global = images_per_batch * world_size
         part = slice(rank * images_per_batch, (rank + 1) * images_per_batch)
         pending = None  # whole images a window left over [n, per_image, d], in the storage dtype
