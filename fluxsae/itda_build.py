@@ -286,6 +286,8 @@ def build_itda(
         log.info("resuming the ITDA build after %d batches (%d atoms)", builder.batches_seen, builder.n_atoms)
     source = itertools.chain([first], it) if first is not None else it
     for position, batch in enumerate(source, 1):
+        if builder.full:
+            break  # at max_atoms, perhaps already when checkpointed: nothing more can be added
         if position <= builder.batches_seen:
             continue  # consumed before the checkpoint
         x, manifest = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -294,8 +296,6 @@ def build_itda(
             on_batch(report)
         if checkpoint is not None and builder.batches_seen % checkpoint_every == 0:
             builder.save(checkpoint)
-        if builder.full:
-            break  # at max_atoms: nothing more can be added
     if checkpoint is not None:
         builder.save(checkpoint)
     return builder.to_itda(prompts)

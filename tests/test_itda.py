@@ -264,6 +264,15 @@ def test_max_atoms_caps_the_dictionary():
     assert uncapped.n_atoms > 40 and torch.equal(uncapped.atoms[:40], itda.atoms)
 
 
+def test_rerunning_a_finished_capped_build_changes_nothing(tmp_path):
+    ckpt, reports = tmp_path / "ckpt.safetensors", []
+    settings = dict(d_in=16, k=2, threshold=0.05, max_atoms=40, checkpoint=ckpt)
+    first = build_itda(clustered(2000).split(250), **settings)
+    again = build_itda(clustered(2000).split(250), **settings, on_batch=reports.append)
+    assert reports == [] and again.cfg.extra["build"] == first.cfg.extra["build"]
+    assert torch.equal(again.atoms, first.atoms)
+
+
 def test_held_out_fvu_falls_as_the_dictionary_grows():
     train, test = clustered(3000, seed=1), clustered(1000, seed=2)
     fvus = []
