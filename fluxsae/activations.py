@@ -384,6 +384,8 @@ class ActivationStore:
         of `images_per_batch * world_size` images; a last incomplete global batch is dropped, so an
         epoch has `steps_per_epoch(site, images_per_batch * tokens_per_image, world_size)` batches."""
         site = self._check_site(site)
+        if images_per_batch < 1:
+            raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}.")
         per_image = self.tokens_per_image(site)
         g, order = self._epoch_order(shards, seed, epoch)
         n_global = images_per_batch * world_size

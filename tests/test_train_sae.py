@@ -266,6 +266,8 @@ def test_image_batches_hold_whole_images_in_token_order_each_once_an_epoch(acts)
         assert (image == image[:, :1]).all() and (token == token[:, :1] + torch.arange(16)).all()
         seen += image[:, 0].tolist()
     assert len(seen) == len(set(seen)) == 125  # 25 batches of 5; the last 3 images are dropped
+    with pytest.raises(ValueError, match="images_per_batch must be >= 1"):
+        next(store.image_batches(SITE, 0, shards=shards))
     assert store.steps_per_epoch(SITE, 5 * 16, 1, shards) == 25
     # The images are shuffled across the whole epoch (not shard by shard), and each epoch anew.
     assert seen != sorted(seen)
