@@ -273,6 +273,7 @@ class ActivationStore:
         keep_last: bool = False,
         part: slice | None = None,
         dtype: torch.dtype = torch.float32,
+        group: int = 1,
     ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
         """One pass over the shards `order` (positions, in this order) as shuffled chunks of
         `chunk_rows` rows: (x [chunk_rows, d] in `dtype`, manifest {field: [chunk_rows]} or None).
@@ -281,6 +282,9 @@ class ActivationStore:
         `torch.randperm(window rows, generator=generator)`; the rows a window leaves over start the
         next window's first chunk. `keep_last` also yields the last, incomplete chunk. `part` keeps
         only that slice of each chunk (a rank's share of a global batch) and gathers only those rows.
+        `group` > 1 shuffles blocks of that many consecutive rows instead, each kept whole and in
+        order (an image's tokens; `chunk_rows`, `part` and every shard's rows are multiples of it):
+        the permutation is then `torch.randperm(window rows / group)`.
         Memory: one window in the storage dtype, plus one chunk.
         """
         part = part or slice(None)
@@ -300,7 +304,9 @@ class ActivationStore:
 
         for start in range(0, len(order), shards_in_memory):
             window, manifest = self._window(site, order[start : start + shards_in_memory], with_manifest)
-            perm = torch.randperm(len(window), generator=generator)
+            perm = torch.randperm(len(window) // group, generator=generator)
+            if group > 1:
+                perm = (perm[:, None] * group + torch.arange(group)).reshape(-1)
             pos = 0
             if pending_x is not None:
                 need = chunk_rows - len(pending_x)
@@ -317,12 +323,6 @@ class ActivationStore:
             del window, manifest
         if keep_last and pending_x is not None and len(pending_x):
             yield rows(pending_x, pending_m, part)
-
-    def _epoch_order(self, shards: list[int] | None, seed: int, epoch: int) -> tuple[torch.Generator, list]:
-        """The epoch's generator (seed * EPOCH_SEED_STRIDE + epoch) and its shard order, drawn first."""
-        pool = list(range(len(self.shards))) if shards is None else list(shards)
-        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
-        return g, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
 
     def batches(
         self,
@@ -344,14 +344,10 @@ class ActivationStore:
         data-parallel workers together see exactly what one worker with the global batch would see.
         A last incomplete global batch is dropped.
         """
-        site = self._check_site(site)
-        g, order = self._epoch_order(shards, seed, epoch)
-        chunks = self.shuffled_chunks(
-            site, order, batch_size * world_size, g, shards_in_memory=shards_in_memory,
-            part=slice(rank * batch_size, (rank + 1) * batch_size), dtype=dtype,
+        return self._epoch_batches(
+            site, batch_size, 1, shards=shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+            shards_in_memory=shards_in_memory, dtype=dtype,
         )  # fmt: skip
-        for x, _ in chunks:
-            yield x
 
     def tokens_per_image(self, site: str) -> int:
         """Rows of one (prompt, step) pair of the site's stream: an image's tokens (or a caption's)."""
@@ -387,40 +383,46 @@ class ActivationStore:
         if images_per_batch < 1:
             raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}.")
         per_image = self.tokens_per_image(site)
-        g, order = self._epoch_order(shards, seed, epoch)
-        n_global = images_per_batch * world_size
-        part = slice(rank * images_per_batch, (rank + 1) * images_per_batch)
-        pending = None  # whole images a window left over [n, per_image, d], in the storage dtype
-        for start in range(0, len(order), shards_in_memory):
-            chosen = order[start : start + shards_in_memory]
-            window, manifest = self._window(site, chosen, with_manifest=True)
-            images = self._whole_images(window, manifest, per_image, chosen)
-            images = images[torch.randperm(len(images), generator=g)]
-            if pending is not None:
-                images = torch.cat([pending, images])
-            full = len(images) // n_global
-            for b in range(full):
-                yield images[b * n_global : (b + 1) * n_global][part].reshape(-1, images.shape[-1]).to(dtype)
-            pending = images[full * n_global :]
-            del window, manifest, images
+        for shard in range(len(self.shards)) if shards is None else shards:
+            self._check_whole_images(site, shard, per_image)
+        return self._epoch_batches(
+            site, images_per_batch * per_image, per_image, shards=shards, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, shards_in_memory=shards_in_memory, dtype=dtype,
+        )  # fmt: skip
 
-    def _whole_images(self, window, manifest, per_image: int, shards: list[int]) -> torch.Tensor:
-        """`window` [rows, d] as [images, per_image, d], after checking that its rows come in whole
-        (prompt, step) groups in token order, as `training.harvest` writes them."""
-        n = len(window)
-        ok = n % per_image == 0
+    def _epoch_batches(
+        self, site: str, batch_rows: int, group: int, *, shards, seed, epoch, rank, world_size,
+        shards_in_memory, dtype,
+    ) -> Iterator[torch.Tensor]:  # fmt: skip
+        """The batches of `batches` (`group` 1) and `image_batches` (`group` = an image's tokens)."""
+        site = self._check_site(site)
+        pool = list(range(len(self.shards))) if shards is None else list(shards)
+        g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        chunks = self.shuffled_chunks(
+            site, order, batch_rows * world_size, g, shards_in_memory=shards_in_memory,
+            part=slice(rank * batch_rows, (rank + 1) * batch_rows), dtype=dtype, group=group,
+        )  # fmt: skip
+        return (x for x, _ in chunks)
+
+    def _check_whole_images(self, site: str, shard: int, per_image: int) -> None:
+        """Refuse a shard whose rows do not come in whole (prompt, step) groups in token order, as
+        `training.harvest` writes them (reads only its manifest)."""
+        stream = parse_site(site).stream
+        with safe_open(str(self.shards[shard].path), framework="pt") as f:
+            prompt, step, token = (f.get_tensor(f"{stream}/{k}") for k in ("prompt_id", "step", "token"))
+        ok = len(token) % per_image == 0
         if ok:
-            key = (manifest["prompt_id"].long() * 1_000_003 + manifest["step"].long()).view(-1, per_image)
-            token = manifest["token"].view(-1, per_image)
+            key = (prompt.long() * 1_000_003 + step.long()).view(-1, per_image)
+            token = token.view(-1, per_image)
             ok = bool((key == key[:, :1]).all() and (token == token[:, :1] + torch.arange(per_image)).all())
         if not ok:
-            names = ", ".join(self.shards[i].path.name for i in shards)
             raise ActivationStoreError(
-                f"The rows of {names} in {self.folder} do not come in whole images of {per_image} tokens "
-                "in token order, so batches of whole images cannot be cut from them. Harvest again "
-                "with `python -m training.harvest` (it writes rows in prompt, step, token order)."
+                f"The rows of {self.shards[shard].path.name} in {self.folder} do not come in whole "
+                f"images of {per_image} tokens in token order, so batches of whole images cannot be cut "
+                "from them. Harvest again with `python -m training.harvest` (it writes rows in prompt, "
+                "step, token order)."
             )
-        return window.view(-1, per_image, window.shape[-1])
 
     def steps_per_epoch(self, site: str, batch_size: int, world_size: int = 1, shards=None) -> int:
         stream = parse_site(self._check_site(site)).stream
