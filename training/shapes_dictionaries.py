@@ -4,7 +4,7 @@
 
 Stages (each resumable: run the same command again after a kill):
   1. harvest the packaged Shapes model on captions of the Shapes world (every denoising step);
-  2. train a Matryoshka TopK SAE per site (training.train_sae);
+  2. train a Matryoshka TopK SAE with scene features per site (training.train_sae, SCENE_RECIPE);
   3. build an ITDA per site at the same L0, at most as many atoms as the SAE has features
      (training.build_itda);
   4. evaluate: held-out reconstruction and the spliced-in effect on generations at fixed seeds;
@@ -33,19 +33,16 @@ from training import feature_stats
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 """The last double block (the reference work's main site is FLUX.1's last double block) and the
 middle of the single blocks."""
-SITE_SAE = {
-    "single_transformer_blocks.2.image": dict(
-        k=32, matryoshka=(4, 16, 128, 512), scene_features=12, scene_offset=4, scene_weight=0.1
-    ),
-}
-"""Where a packaged image SAE departs from the flags (`--no-site-recipes`: nowhere). At single 2: 12
-scene features (train_sae --scene-features: features 4-15, inside the Matryoshka prefix of 16, pushed
-to be constant over each image) and k 32 lift the median best-feature AUROC against the Shapes truth
-from 0.905 to 0.949 and bring the held-out FVU under 0.05 (0.041, from 0.051). At double 3 the same
-recipe (k 24) gave coverage 0.73 against 0.67, but split red by background (its best red feature on 18
-one-object scenes fires on red objects on black only), so double 3 keeps the flags' recipe. At k 32
-there, one run reached coverage 0.87 and FVU 0.027, not yet packaged (benchmarks/README.md,
-Interpretability)."""
+SCENE_RECIPE = dict(k=32, matryoshka=(4, 16, 128, 512), scene_features=12, scene_offset=4, scene_weight=0.1)
+"""The packaged image SAEs: Matryoshka prefixes 4, 16, 128, 512, with 12 scene features (train_sae
+--scene-features: features 4-15, inside the prefix of 16, pushed to be constant over each image) and
+k 32. Against the Shapes truth (benchmarks/README.md, Interpretability) it lifts coverage at double 3
+from 0.67 to 0.87 (two seeds: 0.87 / 0.87) and the median best-feature AUROC at single 2 from 0.905 to
+0.949, with held-out FVU 0.027 / 0.041 (the k 24 Matryoshka 32, 128, 512 SAEs before: 0.035 / 0.051).
+At k 24 the same recipe split red by background at double 3."""
+
+SITE_SAE = {site: SCENE_RECIPE for site in SITES}
+"""Where a packaged image SAE departs from the flags (`--no-site-recipes`: nowhere)."""
 
 
 def sae_settings(args, site: str) -> dict:
