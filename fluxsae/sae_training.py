@@ -36,7 +36,17 @@ def default_lr(n_features: int) -> float:
 
 
 SCENE_EPS = 1e-6
-"""Added to the total variance in `scene_consistency`, so a feature silent on the whole batch costs 0."""
+"""Added to the total variance in `scene_consistency` (and to the norms in `scene_decorrelation`), so a
+feature silent on the whole batch costs 0."""
+
+
+def _scene_codes(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
+    """[images, tokens_per_image, len(features)] dense activations of `features` (0 where not selected)."""
+    width = len(features)
+    codes = out.values.new_zeros(out.values.shape[0], width)
+    inside = (out.indices >= features.start) & (out.indices < features.stop)
+    codes.scatter_add_(1, torch.where(inside, out.indices - features.start, 0), out.values * inside)
+    return codes.view(-1, tokens_per_image, width)
 
 
 def scene_consistency(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
@@ -50,14 +60,29 @@ def scene_consistency(out: ForwardOutput, tokens_per_image: int, features: range
     a reconstruction loss alone leaves mixed into the object features next to it
     (benchmarks/README.md, "Interpretability").
     """
-    width = len(features)
-    codes = out.values.new_zeros(out.values.shape[0], width)
-    inside = (out.indices >= features.start) & (out.indices < features.stop)
-    codes.scatter_add_(1, torch.where(inside, out.indices - features.start, 0), out.values * inside)
-    codes = codes.view(-1, tokens_per_image, width)
+    codes = _scene_codes(out, tokens_per_image, features)
     within = codes.var(dim=1, correction=0).mean(0)
-    total = codes.reshape(-1, width).var(0, correction=0)
+    total = codes.reshape(-1, codes.shape[-1]).var(0, correction=0)
     return (within / (total + SCENE_EPS)).mean()
+
+
+def scene_decorrelation(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
+    """Mean over pairs of `features` of their positive correlation across images, squared: each
+    feature's mean activation over an image, correlated over the batch's images (same batch layout as
+    `scene_consistency`; at least 2 features).
+
+    0 when no two scene features rise together from image to image; 1 when all are copies of one.
+    Negative correlation costs nothing, so features that each follow one kind of scene (one fires on
+    black scenes, another on white ones) are free. Added to the loss, it stops scene features from
+    duplicating one property of the scene and leaves them to find others.
+    """
+    means = _scene_codes(out, tokens_per_image, features).mean(1)  # [images, width]
+    means = means - means.mean(0)
+    means = means / (means.norm(dim=0) + SCENE_EPS)
+    corr = means.T @ means
+    width = corr.shape[0]
+    off = corr - torch.diag(torch.diagonal(corr))
+    return off.clamp_min(0).pow(2).sum() / (width * (width - 1))
 
 
 def train_step(

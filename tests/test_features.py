@@ -80,7 +80,8 @@ def test_the_best_red_feature_lights_up_the_red_object_of_an_unseen_image(run, s
     # It lights up the red object on the black and gray backgrounds too.
     for i in (0, 2):
         there = torch.from_numpy(truth.scene_masks(run["scenes"][i:i + 1])["color:red"][0])
-        other = step_map(features.feature_activations(sae, run["acts"], red_feature, batch=i), (8, 8)).flatten()
+        other = step_map(features.feature_activations(sae, run["acts"], red_feature, batch=i), (8, 8))
+        other = other.flatten()
         assert there[other.argmax()] and other[there].mean() > 5 * other[~there].mean()
     # It stays quiet on the blue scene.
     blue = step_map(features.feature_activations(sae, run["acts"], red_feature, batch=1), (8, 8))

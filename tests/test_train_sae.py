@@ -18,8 +18,8 @@ import fluxsae
 from fluxsae.activations import ActivationStore, ActivationStoreError
 from fluxsae.evaluate import reconstruction_metrics, spliced_effect
 from fluxsae.hub import DictionaryMismatchError, DictionaryNotFoundError, check_matches_pipeline
-from fluxsae.sae import SAEConfig, TopKSAE
-from fluxsae.sae_training import scene_consistency
+from fluxsae.sae import ForwardOutput, SAEConfig, TopKSAE
+from fluxsae.sae_training import scene_consistency, scene_decorrelation
 from fluxsae.shapes.truth import auroc
 from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 from training import build_itda as build_cmd
@@ -360,12 +360,50 @@ def test_scene_features_detect_the_background_of_each_image_and_reconstruction_i
     assert all("extra_loss" in r for r in rows if "fvu" in r)
 
 
+def scene_codes_output(codes: torch.Tensor) -> ForwardOutput:
+    """A ForwardOutput whose sparse code holds every column of `codes` [tokens, width]."""
+    idx = torch.arange(codes.shape[1]).expand_as(codes)
+    return ForwardOutput(codes, codes, idx, codes.new_zeros(()), codes.new_zeros(()))
+
+
+def test_scene_decorrelation_is_one_for_copies_and_zero_for_features_of_different_scenes():
+    scene = torch.tensor([1.0, 0, 2, 0, 1, 3]).repeat_interleave(4)  # 6 images of 4 tokens
+    other = (scene == 0).float()  # fires exactly where the first is silent
+    copies = scene_codes_output(torch.stack([scene, 2 * scene], dim=1))
+    apart = scene_codes_output(torch.stack([scene, other], dim=1))
+    assert scene_decorrelation(copies, 4, range(2)).item() == pytest.approx(1.0, abs=1e-5)
+    assert scene_decorrelation(apart, 4, range(2)).item() == 0.0
+    # only the chosen features count: a copy outside them changes nothing
+    three = scene_codes_output(torch.stack([scene, other, scene], dim=1))
+    assert scene_decorrelation(three, 4, range(2)).item() == 0.0
+    assert scene_decorrelation(three, 4, range(3)).item() == pytest.approx(1 / 3, abs=1e-5)
+    # its gradient reaches the activations: a small step down it makes two correlated features less so
+    values = torch.stack([scene, scene + torch.rand(24, generator=torch.Generator().manual_seed(0))], dim=1)
+    values.requires_grad_(True)
+    before = scene_decorrelation(scene_codes_output(values), 4, range(2))
+    before.backward()
+    with torch.no_grad():
+        after = scene_decorrelation(scene_codes_output(values - 0.5 * values.grad), 4, range(2))
+    assert 0 < after < before
+
+
+def test_decorrelated_scene_features_still_detect_the_scene(scene_world, tmp_path):
+    scene = ["--scene-features", "8", "--scene-weight", "1", "--scene-decorrelation", "1"]
+    train_sae.main(train_args(scene_world[0], tmp_path / "work", "--out", str(tmp_path / "out"), *scene))
+    _, auroc = scene_figures(tmp_path / "out", scene_world)
+    assert auroc > 0.9
+    sae = fluxsae.load_sae(tmp_path / "out", site=SITE)
+    assert sae.cfg.extra["training"]["scene_decorrelation"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--scene-features", "8", "--batch-size", "72"], "not a multiple of the 16 tokens.*use e.g. 64"),
         (["--scene-features", "8", "--scene-offset", "124"], "must lie among the 128 features"),
         (["--scene-features", "8", "--scene-weight", "-1"], "--scene-weight must be >= 0"),
+        (["--scene-features", "8", "--scene-decorrelation", "-1"], "--scene-decorrelation must be >= 0"),
+        (["--scene-decorrelation", "1"], "in pairs: use --scene-features 2 or more"),
     ],
 )
 def test_bad_scene_settings_are_refused_before_any_work(acts, tmp_path, extra, message):

@@ -30,7 +30,13 @@ from fluxsae.activations import ActivationStore, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.sae import WHITEN_POWER, SAEConfig, TopKSAE
-from fluxsae.sae_training import default_lr, make_optimizer, scene_consistency, train_step
+from fluxsae.sae_training import (
+    default_lr,
+    make_optimizer,
+    scene_consistency,
+    scene_decorrelation,
+    train_step,
+)
 from training.cli import dictionary_command
 from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
 
@@ -78,6 +84,10 @@ class TrainConfig:
     """Index of the first scene feature (with --matryoshka, inside which prefix they lie)."""
     scene_weight: float = 0.1
     """lambda of the scene-consistency term."""
+    scene_decorrelation: float = 0.0
+    """mu: the scene term becomes lambda x (consistency + mu x the scene features' positive correlation
+    across images, `fluxsae.sae_training.scene_decorrelation`), so they stop duplicating one another
+    (0: off; needs at least 2 scene features)."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
     dead_after_tokens: int = 2_000_000
@@ -127,6 +137,12 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
 def scene_loss(cfg: TrainConfig, store: ActivationStore):
     """(images per batch, the loss term of `train_step`) for `cfg`'s scene features, or (None, None)
     without them; SystemExit says what is wrong with the settings."""
+    if not cfg.scene_decorrelation >= 0:
+        raise SystemExit(f"--scene-decorrelation must be >= 0, got {cfg.scene_decorrelation}.")
+    if cfg.scene_decorrelation and cfg.scene_features < 2:
+        raise SystemExit(
+            "--scene-decorrelation correlates scene features in pairs: use --scene-features 2 or more."
+        )
     if not cfg.scene_features:
         return None, None
     features = range(cfg.scene_offset, cfg.scene_offset + cfg.scene_features)
@@ -146,7 +162,10 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
         )
 
     def loss(out):
-        return cfg.scene_weight * scene_consistency(out, per_image, features)
+        term = scene_consistency(out, per_image, features)
+        if cfg.scene_decorrelation:
+            term = term + cfg.scene_decorrelation * scene_decorrelation(out, per_image, features)
+        return cfg.scene_weight * term
 
     return cfg.batch_size // per_image, loss
 
