@@ -36,8 +36,8 @@ def default_lr(n_features: int) -> float:
 
 
 SCENE_EPS = 1e-6
-"""Added to the total variance in `scene_consistency` (and to the norms in `scene_decorrelation`), so a
-feature silent on the whole batch costs 0."""
+"""Added to the total variance in `scene_consistency` (and to the norms in `scene_decorrelation` and
+`scene_overlap`), so a feature silent on the whole batch costs 0."""
 
 
 def _scene_codes(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
@@ -83,6 +83,25 @@ def scene_decorrelation(out: ForwardOutput, tokens_per_image: int, features: ran
     width = corr.shape[0]
     off = corr - torch.diag(torch.diagonal(corr))
     return off.clamp_min(0).pow(2).sum() / (width * (width - 1))
+
+
+def scene_overlap(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
+    """Mean over pairs of `features` of the squared cosine between their image means across the
+    batch's images (uncentred: the activations are >= 0; same batch layout as `scene_consistency`;
+    at least 2 features).
+
+    0 when no two scene features fire on the same images; 1 when all are copies of one. Unlike
+    `scene_decorrelation`, two features that both fire on one kind of scene overlap even when they
+    anti-correlate elsewhere: a "dark" feature that fires on black scenes and half as much on gray
+    ones overlaps a "light" one that does the reverse. So the scene features are pushed to split
+    the scenes between them, one kind each, rather than share a brightness ramp.
+    """
+    means = _scene_codes(out, tokens_per_image, features).mean(1)  # [images, width], >= 0
+    means = means / (means.norm(dim=0) + SCENE_EPS)
+    cos = means.T @ means
+    width = cos.shape[0]
+    off = cos - torch.diag(torch.diagonal(cos))
+    return off.pow(2).sum() / (width * (width - 1))
 
 
 def train_step(

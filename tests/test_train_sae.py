@@ -19,7 +19,7 @@ from fluxsae.activations import ActivationStore, ActivationStoreError
 from fluxsae.evaluate import reconstruction_metrics, spliced_effect
 from fluxsae.hub import DictionaryMismatchError, DictionaryNotFoundError, check_matches_pipeline
 from fluxsae.sae import ForwardOutput, SAEConfig, TopKSAE
-from fluxsae.sae_training import scene_consistency, scene_decorrelation
+from fluxsae.sae_training import scene_consistency, scene_decorrelation, scene_overlap
 from fluxsae.shapes.truth import auroc
 from fluxsae.tiny import TINY_GENERATION, tiny_flux_pipeline
 from training import build_itda as build_cmd
@@ -387,13 +387,38 @@ def test_scene_decorrelation_is_one_for_copies_and_zero_for_features_of_differen
     assert 0 < after < before
 
 
-def test_decorrelated_scene_features_still_detect_the_scene(scene_world, tmp_path):
-    scene = ["--scene-features", "8", "--scene-weight", "1", "--scene-decorrelation", "1"]
+def test_scene_overlap_is_one_for_copies_zero_for_disjoint_scenes_and_counts_a_shared_middle():
+    scene = torch.tensor([1.0, 0, 2, 0, 1, 3]).repeat_interleave(4)  # 6 images of 4 tokens
+    other = (scene == 0).float()
+    copies = scene_codes_output(torch.stack([scene, 2 * scene], dim=1))
+    apart = scene_codes_output(torch.stack([scene, other], dim=1))
+    assert scene_overlap(copies, 4, range(2)).item() == pytest.approx(1.0, abs=1e-5)
+    assert scene_overlap(apart, 4, range(2)).item() == 0.0
+    three = scene_codes_output(torch.stack([scene, other, scene], dim=1))
+    assert scene_overlap(three, 4, range(2)).item() == 0.0
+    assert scene_overlap(three, 4, range(3)).item() == pytest.approx(1 / 3, abs=1e-5)
+    # a brightness ramp read by two features (dark: black 2, gray 1, white 0; light: the reverse):
+    # anti-correlated, so decorrelation is satisfied, but both fire on gray scenes, which overlap sees
+    dark = torch.tensor([2.0, 1, 0, 2, 1, 0]).repeat_interleave(4)
+    ramp = scene_codes_output(torch.stack([dark, 2 - dark], dim=1))
+    assert scene_decorrelation(ramp, 4, range(2)).item() == 0.0
+    assert scene_overlap(ramp, 4, range(2)).item() == pytest.approx(0.04, abs=1e-4)  # cos 1/5
+    values = torch.stack([dark, 2 - dark], dim=1).requires_grad_(True)
+    before = scene_overlap(scene_codes_output(values), 4, range(2))
+    before.backward()
+    with torch.no_grad():
+        after = scene_overlap(scene_codes_output((values - 0.5 * values.grad).clamp_min(0)), 4, range(2))
+    assert 0 <= after < before
+
+
+@pytest.mark.parametrize("term", ["--scene-decorrelation", "--scene-overlap"])
+def test_scene_features_kept_apart_still_detect_the_scene(scene_world, tmp_path, term):
+    scene = ["--scene-features", "8", "--scene-weight", "1", term, "1"]
     train_sae.main(train_args(scene_world[0], tmp_path / "work", "--out", str(tmp_path / "out"), *scene))
     _, auroc = scene_figures(tmp_path / "out", scene_world)
     assert auroc > 0.9
     sae = fluxsae.load_sae(tmp_path / "out", site=SITE)
-    assert sae.cfg.extra["training"]["scene_decorrelation"] == 1.0
+    assert sae.cfg.extra["training"][term[2:].replace("-", "_")] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -404,6 +429,8 @@ def test_decorrelated_scene_features_still_detect_the_scene(scene_world, tmp_pat
         (["--scene-features", "8", "--scene-weight", "-1"], "--scene-weight must be >= 0"),
         (["--scene-features", "8", "--scene-decorrelation", "-1"], "--scene-decorrelation must be >= 0"),
         (["--scene-decorrelation", "1"], "in pairs: use --scene-features 2 or more"),
+        (["--scene-features", "8", "--scene-overlap", "-1"], "--scene-overlap must be >= 0"),
+        (["--scene-features", "1", "--scene-overlap", "1"], "in pairs: use --scene-features 2 or more"),
     ],
 )
 def test_bad_scene_settings_are_refused_before_any_work(acts, tmp_path, extra, message):

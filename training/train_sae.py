@@ -35,6 +35,7 @@ from fluxsae.sae_training import (
     make_optimizer,
     scene_consistency,
     scene_decorrelation,
+    scene_overlap,
     train_step,
 )
 from training.cli import dictionary_command
@@ -87,6 +88,10 @@ class TrainConfig:
     scene_decorrelation: float = 0.0
     """mu: the scene term becomes lambda x (consistency + mu x the scene features' positive correlation
     across images, `fluxsae.sae_training.scene_decorrelation`), so they stop duplicating one another
+    (0: off; needs at least 2 scene features)."""
+    scene_overlap: float = 0.0
+    """nu: adds lambda x nu x the scene features' overlap across images (squared cosine of their image
+    means, `fluxsae.sae_training.scene_overlap`), so each follows scenes of its own kind
     (0: off; needs at least 2 scene features)."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
@@ -143,6 +148,10 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
         raise SystemExit(
             "--scene-decorrelation correlates scene features in pairs: use --scene-features 2 or more."
         )
+    if not cfg.scene_overlap >= 0:
+        raise SystemExit(f"--scene-overlap must be >= 0, got {cfg.scene_overlap}.")
+    if cfg.scene_overlap and cfg.scene_features < 2:
+        raise SystemExit("--scene-overlap compares scene features in pairs: use --scene-features 2 or more.")
     if not cfg.scene_features:
         return None, None
     features = range(cfg.scene_offset, cfg.scene_offset + cfg.scene_features)
@@ -165,6 +174,8 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
         term = scene_consistency(out, per_image, features)
         if cfg.scene_decorrelation:
             term = term + cfg.scene_decorrelation * scene_decorrelation(out, per_image, features)
+        if cfg.scene_overlap:
+            term = term + cfg.scene_overlap * scene_overlap(out, per_image, features)
         return cfg.scene_weight * term
 
     return cfg.batch_size // per_image, loss
