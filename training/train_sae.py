@@ -91,7 +91,7 @@ class TrainConfig:
     (0: off; needs at least 2 scene features)."""
     scene_overlap: float = 0.0
     """nu: adds lambda x nu x the scene features' overlap across images (squared cosine of their image
-    means, `fluxsae.sae_training.scene_overlap`), so each follows scenes of its own kind
+    means, `fluxsae.sae_training.scene_overlap`), pushing each toward scenes of its own kind
     (0: off; needs at least 2 scene features)."""
     aux_k: int = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
