@@ -48,7 +48,7 @@ SITE_SAE = {
 }
 """Where a packaged image SAE departs from the flags (`--no-site-recipes`: nowhere): SCENE_RECIPE with
 the scene features kept off each other's images (train_sae --scene-overlap nu). Against the Shapes
-truth (one seed each, 24M tokens) it lifts coverage from 0.87 to 0.93 at double 3 (nu 1; median 0.970
+truth (seed 0, 24M tokens) it lifts coverage from 0.87 to 0.93 at double 3 (nu 1; median 0.970
 -> 0.986, FVU 0.027 -> 0.024) and from 0.53 to 0.67 at single 2 (nu 4; median 0.949 -> 0.952, FVU
 0.041 -> 0.037). At 8M tokens nu 1 / 4 gave 0.93 / 0.87 at double 3 and 0.60 / 0.73 at single 2.
 Seed 1 gives 0.80 at double 3 (median 0.975), within the seed spread of the recipe before (0.87 /
