@@ -49,6 +49,21 @@ def _scene_codes(out: ForwardOutput, tokens_per_image: int, features: range) -> 
     return codes.view(-1, tokens_per_image, width)
 
 
+def _mean_squared_pair_cosine(
+    out: ForwardOutput, tokens_per_image: int, features: range, *, centred: bool
+) -> Tensor:
+    """Mean over pairs of `features` of the positive part, squared, of the cosine between their image
+    means across the batch's images; `centred`: of their correlation instead."""
+    means = _scene_codes(out, tokens_per_image, features).mean(1)  # [images, width]
+    if centred:
+        means = means - means.mean(0)
+    means = means / (means.norm(dim=0) + SCENE_EPS)
+    cos = means.T @ means
+    width = cos.shape[0]
+    off = cos - torch.diag(torch.diagonal(cos))
+    return off.clamp_min(0).pow(2).sum() / (width * (width - 1))
+
+
 def scene_consistency(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
     """Mean over `features` of within-image variance / total variance of their activations, for a
     batch of whole images (rows [i * T, (i + 1) * T) are image i, T = `tokens_per_image`; see
@@ -76,13 +91,7 @@ def scene_decorrelation(out: ForwardOutput, tokens_per_image: int, features: ran
     black scenes, another on white ones) are free. Added to the loss, it stops scene features from
     duplicating one property of the scene and leaves them to find others.
     """
-    means = _scene_codes(out, tokens_per_image, features).mean(1)  # [images, width]
-    means = means - means.mean(0)
-    means = means / (means.norm(dim=0) + SCENE_EPS)
-    corr = means.T @ means
-    width = corr.shape[0]
-    off = corr - torch.diag(torch.diagonal(corr))
-    return off.clamp_min(0).pow(2).sum() / (width * (width - 1))
+    return _mean_squared_pair_cosine(out, tokens_per_image, features, centred=True)
 
 
 def scene_overlap(out: ForwardOutput, tokens_per_image: int, features: range) -> Tensor:
@@ -96,12 +105,7 @@ def scene_overlap(out: ForwardOutput, tokens_per_image: int, features: range) ->
     ones overlaps a "light" one that does the reverse. So the scene features are pushed to split
     the scenes between them, one kind each, rather than share a brightness ramp.
     """
-    means = _scene_codes(out, tokens_per_image, features).mean(1)  # [images, width], >= 0
-    means = means / (means.norm(dim=0) + SCENE_EPS)
-    cos = means.T @ means
-    width = cos.shape[0]
-    off = cos - torch.diag(torch.diagonal(cos))
-    return off.pow(2).sum() / (width * (width - 1))
+    return _mean_squared_pair_cosine(out, tokens_per_image, features, centred=False)
 
 
 def train_step(

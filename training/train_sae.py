@@ -142,16 +142,12 @@ def build_sae(cfg: TrainConfig, store: ActivationStore, train_shards: list[int])
 def scene_loss(cfg: TrainConfig, store: ActivationStore):
     """(images per batch, the loss term of `train_step`) for `cfg`'s scene features, or (None, None)
     without them; SystemExit says what is wrong with the settings."""
-    if not cfg.scene_decorrelation >= 0:
-        raise SystemExit(f"--scene-decorrelation must be >= 0, got {cfg.scene_decorrelation}.")
-    if cfg.scene_decorrelation and cfg.scene_features < 2:
-        raise SystemExit(
-            "--scene-decorrelation correlates scene features in pairs: use --scene-features 2 or more."
-        )
-    if not cfg.scene_overlap >= 0:
-        raise SystemExit(f"--scene-overlap must be >= 0, got {cfg.scene_overlap}.")
-    if cfg.scene_overlap and cfg.scene_features < 2:
-        raise SystemExit("--scene-overlap compares scene features in pairs: use --scene-features 2 or more.")
+    pairwise = (("--scene-decorrelation", cfg.scene_decorrelation), ("--scene-overlap", cfg.scene_overlap))
+    for flag, value in pairwise:
+        if not value >= 0:
+            raise SystemExit(f"{flag} must be >= 0, got {value}.")
+        if value and cfg.scene_features < 2:
+            raise SystemExit(f"{flag} compares scene features in pairs: use --scene-features 2 or more.")
     if not cfg.scene_features:
         return None, None
     features = range(cfg.scene_offset, cfg.scene_offset + cfg.scene_features)
