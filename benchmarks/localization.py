@@ -11,7 +11,10 @@ both sites), on 200 scenes no training run saw (seed 31337; image i uses noise s
    mask: the median IoU over those scenes is the figure. Target (issue 12): >= 0.5 for the SAE.
 Baseline: the concept's difference-of-means direction u (mean raw activation on its tokens minus
 elsewhere, on the first 100 scenes, steps averaged), the map being the projection (x - m) . u / |u|
-with m the midpoint of the two class means, so positive means "on the concept's side".
+with m the midpoint of the two class means, so positive means "on the concept's side". Ceiling: a
+logistic probe on the whole residual (steps averaged, fitted on the first 100 scenes' tokens), the map
+being its probability; no linear readout of these activations separates the concept's tokens better,
+so its IoU says how much of the target a site allows.
 
     python benchmarks/localization.py                 # writes results/localization.json
     python benchmarks/localization.py --cache /tmp/loc_acts.safetensors   # reuse the generations
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from interpretability import logistic_scores
 from shapes_activations import generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
@@ -150,6 +154,25 @@ def main(argv=None) -> dict:
             }
         results[f"diff_of_means:{site}"] = rows
         print("diff_of_means", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
+
+        rows = {}
+        flat_all = mean_acts.reshape(-1, mean_acts.shape[-1])
+        tokens = mean_acts.shape[1]
+        for concept in CONCEPTS:
+            if not masks[concept][select].any():
+                continue
+            on = torch.from_numpy(masks[concept][select].reshape(-1))
+            logits = logistic_scores(flat_all[: half * tokens], on, flat_all)
+            probability = logits.sigmoid().reshape(-1, tokens)
+            auroc_select, _ = truth.concept_auroc(probability[:half, :, None], select_masks, [concept])
+            auroc_eval, _ = truth.concept_auroc(probability[half:, :, None], eval_masks, [concept])
+            rows[concept] = {
+                "auroc_select": float(auroc_select[0, 0]),
+                "auroc_eval": float(auroc_eval[0, 0]),
+                **localize(probability, masks, evaluate, concept),
+            }
+        results[f"probe:{site}"] = rows
+        print("probe", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
 
     summary = {
         key: {
