@@ -74,6 +74,26 @@ def best_unit_by_iou(codes: torch.Tensor, masks: dict, select_idx: list[int], co
     return int(iou.median(0).values.argmax())
 
 
+def difference_of_means_map(mean_acts: torch.Tensor, select_masks: dict, concept: str) -> torch.Tensor:
+    """[n, 64] projection of step-averaged activations [n, 64, d] on the concept's difference of means
+    (fitted on the selection scenes, the first len(select_masks[concept]) of mean_acts), from the
+    midpoint of the two class means."""
+    half = len(select_masks[concept])
+    direction = truth.difference_of_means(mean_acts[:half], select_masks, concept).double()
+    chosen = mean_acts[:half].reshape(-1, mean_acts.shape[-1]).double()
+    on = torch.from_numpy(select_masks[concept].reshape(-1))
+    midpoint = (chosen[on].mean(0) + chosen[~on].mean(0)) / 2
+    return ((mean_acts.double() - midpoint) @ (direction / direction.norm())).float()
+
+
+def probe_map(mean_acts: torch.Tensor, select_masks: dict, concept: str) -> torch.Tensor:
+    """[n, 64] probability of a logistic probe on the whole residual, fitted on the selection scenes."""
+    half, tokens = len(select_masks[concept]), mean_acts.shape[1]
+    flat = mean_acts.reshape(-1, mean_acts.shape[-1])
+    on = torch.from_numpy(select_masks[concept].reshape(-1))
+    return logistic_scores(flat[: half * tokens], on, flat).sigmoid().reshape(-1, tokens)
+
+
 def _median(values) -> float:
     """Median of the defined values (NaN where a concept had no scene to score)."""
     kept = [v for v in values if v == v]
@@ -136,43 +156,21 @@ def main(argv=None) -> dict:
             results[f"{method}:{site}"] = rows
             print(method, site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()}, flush=True)
 
-        rows = {}
-        for concept in CONCEPTS:
-            if not masks[concept][select].any():
-                continue
-            direction = truth.difference_of_means(mean_acts[:half], select_masks, concept).double()
-            flat = mean_acts[:half].reshape(-1, mean_acts.shape[-1]).double()
-            on = torch.from_numpy(masks[concept][select].reshape(-1))
-            midpoint = (flat[on].mean(0) + flat[~on].mean(0)) / 2
-            projection = ((mean_acts.double() - midpoint) @ (direction / direction.norm())).float()  # [n, 64]
-            auroc_select, _ = truth.concept_auroc(projection[:half, :, None], select_masks, [concept])
-            auroc_eval, _ = truth.concept_auroc(projection[half:, :, None], eval_masks, [concept])
-            rows[concept] = {
-                "auroc_select": float(auroc_select[0, 0]),
-                "auroc_eval": float(auroc_eval[0, 0]),
-                **localize(projection, masks, evaluate, concept),
-            }
-        results[f"diff_of_means:{site}"] = rows
-        print("diff_of_means", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
-
-        rows = {}
-        flat_all = mean_acts.reshape(-1, mean_acts.shape[-1])
-        tokens = mean_acts.shape[1]
-        for concept in CONCEPTS:
-            if not masks[concept][select].any():
-                continue
-            on = torch.from_numpy(masks[concept][select].reshape(-1))
-            logits = logistic_scores(flat_all[: half * tokens], on, flat_all)
-            probability = logits.sigmoid().reshape(-1, tokens)
-            auroc_select, _ = truth.concept_auroc(probability[:half, :, None], select_masks, [concept])
-            auroc_eval, _ = truth.concept_auroc(probability[half:, :, None], eval_masks, [concept])
-            rows[concept] = {
-                "auroc_select": float(auroc_select[0, 0]),
-                "auroc_eval": float(auroc_eval[0, 0]),
-                **localize(probability, masks, evaluate, concept),
-            }
-        results[f"probe:{site}"] = rows
-        print("probe", site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
+        for name, concept_map in (("diff_of_means", difference_of_means_map), ("probe", probe_map)):
+            rows = {}
+            for concept in CONCEPTS:
+                if not masks[concept][select].any():
+                    continue
+                maps = concept_map(mean_acts, select_masks, concept)
+                auroc_select, _ = truth.concept_auroc(maps[:half, :, None], select_masks, [concept])
+                auroc_eval, _ = truth.concept_auroc(maps[half:, :, None], eval_masks, [concept])
+                rows[concept] = {
+                    "auroc_select": float(auroc_select[0, 0]),
+                    "auroc_eval": float(auroc_eval[0, 0]),
+                    **localize(maps, masks, evaluate, concept),
+                }
+            results[f"{name}:{site}"] = rows
+            print(name, site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
 
     summary = {
         key: {
