@@ -13,8 +13,8 @@ Baseline: the concept's difference-of-means direction u (mean raw activation on 
 elsewhere, on the first 100 scenes, steps averaged), the map being the projection (x - m) . u / |u|
 with m the midpoint of the two class means, so positive means "on the concept's side". Ceiling: a
 logistic probe on the whole residual (steps averaged, fitted on the first 100 scenes' tokens), the map
-being its probability; no linear readout of these activations separates the concept's tokens better,
-so its IoU says how much of the target a site allows.
+being its probability; no linear readout of these activations detects the concept's tokens better,
+so its IoU says roughly how much of the target a site allows.
 
     python benchmarks/localization.py                 # writes results/localization.json
     python benchmarks/localization.py --cache /tmp/loc_acts.safetensors   # reuse the generations
