@@ -75,6 +75,10 @@ class ForwardOutput(NamedTuple):
     """Scalar reconstruction loss to train on when it is not `fvu` (a Matryoshka SAE's mean FVU over its
     nested prefixes); None: train on `fvu`."""
 
+    prefix_fvus: Tensor | None = None
+    """[P] a Matryoshka SAE's FVU of each nested prefix alone, in `cfg.matryoshka` order (`loss` is the
+    mean of `fvu` and these); None for other dictionaries."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DictionaryConfig:

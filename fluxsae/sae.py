@@ -426,13 +426,14 @@ class TopKSAE(Dictionary):
         # mse_loss(reduction="sum") is sum((a - b)^2) in one fused pass, and its backward too.
         total_variance = _total_variance(z)
         fvu = F.mse_loss(z_hat, z, reduction="sum") / total_variance
-        loss = None
+        loss = prefix_fvus = None
         if self.cfg.matryoshka:
-            prefix_fvus = [fvu]
+            prefix_fvus = []
             for width in self.cfg.matryoshka:
                 z_m = SparseDecode.apply(top_acts * (top_idx < width), top_idx, self.W_dec) + self.b_dec
                 prefix_fvus.append(F.mse_loss(z_m, z, reduction="sum") / total_variance)
-            loss = torch.stack(prefix_fvus).mean()
+            prefix_fvus = torch.stack(prefix_fvus)
+            loss = torch.cat([fvu[None], prefix_fvus]).mean()
         if aux_idx.shape[1]:
             e = (z - z_hat).detach()
             e_hat = SparseDecode.apply(aux_acts, aux_idx, self.W_dec)
@@ -441,7 +442,8 @@ class TopKSAE(Dictionary):
             aux_loss = fvu.new_zeros(())
         if self.training:
             self._record_firing(top_acts, top_idx)
-        return ForwardOutput(self.denormalize(z_hat).view(x.shape), top_acts, top_idx, fvu, aux_loss, loss)
+        x_hat = self.denormalize(z_hat).view(x.shape)
+        return ForwardOutput(x_hat, top_acts, top_idx, fvu, aux_loss, loss, prefix_fvus)
 
     # -- dead features -------------------------------------------------------------------------
 

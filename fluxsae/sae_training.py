@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -115,9 +115,14 @@ def train_step(
     *,
     clip_grad: float | None = None,
     extra_loss: Callable[[ForwardOutput], Tensor] | None = None,
+    prefix_weights: Sequence[float] | None = None,
 ):
     """One optimisation step on raw activations x [N, d_in]; loss = fvu + aux_coef * aux_loss, plus
     `extra_loss(output of the forward pass)` when given (an experimental term).
+
+    A Matryoshka SAE trains on the mean FVU of the whole dictionary and its nested prefixes; with
+    `prefix_weights` (one per prefix, in `cfg.matryoshka` order; the whole dictionary weighs 1) on their
+    weighted mean instead, so all 1s is the plain mean and 0 drops a prefix's term.
 
     `model` is a TopKSAE or a DistributedDataParallel wrapping one. Returns floats
     {"fvu", "aux_loss", "l0" (mean non-zeros per token), "dead_fraction"}, and "extra_loss" when given.
@@ -125,6 +130,14 @@ def train_step(
     sae: TopKSAE = getattr(model, "module", model)
     out = model(x)
     reconstruction = out.fvu if out.loss is None else out.loss  # a Matryoshka SAE's loss covers its prefixes
+    if prefix_weights is not None and out.prefix_fvus is not None:
+        if len(prefix_weights) != len(out.prefix_fvus):
+            raise ValueError(
+                f"prefix_weights needs one weight per Matryoshka prefix {sae.cfg.matryoshka}, got "
+                f"{tuple(prefix_weights)}"
+            )
+        w = out.prefix_fvus.new_tensor(prefix_weights)
+        reconstruction = (out.fvu + (w * out.prefix_fvus).sum()) / (1 + w.sum())
     loss = reconstruction + sae.cfg.aux_coef * out.aux_loss if sae.cfg.aux_k else reconstruction
     extra = extra_loss(out) if extra_loss is not None else None
     if extra is not None:

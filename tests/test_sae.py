@@ -447,6 +447,38 @@ def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not
     assert nested[n_true] < plain[n_true] + 0.05, results
 
 
+def test_matryoshka_prefix_weights_of_one_are_the_plain_loss_and_zero_drops_the_prefix():
+    """The Zipf world of the test above. Weights (1, 1) train exactly as the plain Matryoshka loss;
+    weights (0, 0) leave only the whole dictionary's term, so the prefixes stop reconstructing alone."""
+    d, n_true = 32, 128
+    dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen(0)), dim=1)
+    zipf = 1 / torch.arange(1, n_true + 1).double() ** 1.2
+
+    def sample(n, g):
+        idx = torch.multinomial(zipf.expand(n, -1), 3, replacement=False, generator=g)
+        coef = torch.rand(n, 3, generator=g, dtype=F64) + 0.5
+        return torch.zeros(n, n_true, dtype=F64).scatter_add(1, idx, coef) @ dirs.double()
+
+    held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
+    saes, results = {}, {}
+    for weights in (None, (1.0, 1.0), (0.0, 0.0)):
+        cfg = SAEConfig(d_in=d, n_features=n_true, k=3, aux_k=32, dead_after_tokens=2048, matryoshka=(16, 64))
+        sae = TopKSAE(cfg, generator=gen(7), dtype=F64)
+        sae.fit_normalization(fit).init_b_dec_from_data(fit)
+        opt, batches = make_optimizer(sae, 5e-3), gen(1)
+        for _ in range(300):
+            train_step(sae, opt, sample(512, batches), clip_grad=10.0, prefix_weights=weights)
+        sae.eval()
+        saes[weights], results[weights] = sae, {w: prefix_fvu(sae, held_out, w) for w in (16, 64, n_true)}
+    plain, ones = saes[None].state_dict(), saes[(1.0, 1.0)].state_dict()
+    assert all(torch.allclose(plain[k], ones[k], rtol=0, atol=1e-9) for k in plain)
+    dropped, kept = results[(0.0, 0.0)], results[None]
+    assert dropped[16] > kept[16] + 0.2 and dropped[64] > kept[64] + 0.1, results
+    with pytest.raises(ValueError, match=r"one weight per Matryoshka prefix \(16, 64\), got \(1.0,\)"):
+        sae = saes[None].train()
+        train_step(sae, make_optimizer(sae, 5e-3), sample(64, gen(2)), prefix_weights=(1.0,))
+
+
 def test_batch_topk_spends_features_where_tokens_have_more_and_encodes_by_its_threshold(tmp_path):
     """Tokens are 1-7 of 128 directions (4 on average). Trained on the same batches at k = 4,
     BatchTopK gives each token about as many features as it has, at the same mean L0 as per-token

@@ -439,6 +439,20 @@ def test_bad_scene_settings_are_refused_before_any_work(acts, tmp_path, extra, m
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--matryoshka", "16,64", "--matryoshka-weights", "1"], r"width \(16,64\), got 1\."),
+        (["--matryoshka", "16", "--matryoshka-weights", "-1"], "one finite weight >= 0"),
+        (["--matryoshka-weights", "1"], r"per --matryoshka width \(none given\)"),
+    ],
+)
+def test_bad_matryoshka_weights_are_refused_before_any_work(acts, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train_sae.main(train_args(acts, tmp_path / "work", *extra))
+    assert not (tmp_path / "work").exists()
+
+
 def dense_metrics(dictionary, x):
     """The formulas of fluxsae.evaluate on dense codes, all of x in memory at once: the oracle."""
     codes = dictionary.encode(x)

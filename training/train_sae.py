@@ -73,6 +73,9 @@ class TrainConfig:
     matryoshka: tuple[int, ...] = ()
     """Matryoshka prefix widths (e.g. 16,128,512): the first m features must also reconstruct alone,
     which keeps general features general (`SAEConfig.matryoshka`); empty: a plain TopK SAE."""
+    matryoshka_weights: tuple[float, ...] = ()
+    """Weights of the prefixes' FVU terms in the Matryoshka loss, one per --matryoshka width (the whole
+    dictionary weighs 1; `fluxsae.sae_training.train_step`); empty: all 1, the plain mean."""
     batch_topk: bool = False
     """BatchTopK: keep the batch's N x k largest activations rather than k per token; encoding then
     uses the running threshold (`SAEConfig.batch_topk`)."""
@@ -177,6 +180,22 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
     return cfg.batch_size // per_image, loss
 
 
+def matryoshka_weights(cfg: TrainConfig) -> tuple[float, ...] | None:
+    """`train_step`'s prefix_weights for --matryoshka-weights (None: the plain mean); SystemExit says
+    what is wrong with them."""
+    if not cfg.matryoshka_weights:
+        return None
+    if len(cfg.matryoshka_weights) != len(cfg.matryoshka) or not all(
+        0 <= w < float("inf") for w in cfg.matryoshka_weights
+    ):
+        raise SystemExit(
+            f"--matryoshka-weights needs one finite weight >= 0 per --matryoshka width "
+            f"({','.join(map(str, cfg.matryoshka)) or 'none given'}), got "
+            f"{','.join(map(str, cfg.matryoshka_weights))}."
+        )
+    return tuple(cfg.matryoshka_weights)
+
+
 def _sync_dead_tracking(sae: TopKSAE, before: torch.Tensor, global_tokens: int, world: int) -> None:
     """Make `tokens_since_fired` global: a feature fired if it fired on any process."""
     if world == 1:
@@ -225,6 +244,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to train on; harvest first.")
     images_per_batch, extra_loss = scene_loss(cfg, store)
+    prefix_weights = matryoshka_weights(cfg)
     claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
@@ -257,7 +277,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
             if i < skip:
                 continue
             before = sae.tokens_since_fired.clone()
-            stats = train_step(model, opt, x.to(device), extra_loss=extra_loss)
+            stats = train_step(model, opt, x.to(device), extra_loss=extra_loss, prefix_weights=prefix_weights)
             _sync_dead_tracking(sae, before, global_batch, world)
             step += 1
             tokens += global_batch
