@@ -418,11 +418,9 @@ def prefix_fvu(sae: TopKSAE, x: torch.Tensor, width: int) -> float:
     return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
-def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not():
-    """Tokens are 3 of 128 directions drawn with Zipf frequencies. The same run with and without nested
-    prefixes: only the Matryoshka loss makes the first 16 and 64 features a dictionary of their own (the
-    most frequent directions), at a small cost on the whole one."""
-    d, n_true = 32, 128
+def zipf_world(d: int, n_true: int):
+    """sample(n, generator) -> n tokens [n, d], each 3 of n_true fixed directions drawn with Zipf
+    frequencies (exponent 1.2), coefficients in [0.5, 1.5)."""
     dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen(0)), dim=1)
     zipf = 1 / torch.arange(1, n_true + 1).double() ** 1.2
 
@@ -431,6 +429,15 @@ def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not
         coef = torch.rand(n, 3, generator=g, dtype=F64) + 0.5
         return torch.zeros(n, n_true, dtype=F64).scatter_add(1, idx, coef) @ dirs.double()
 
+    return sample
+
+
+def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not():
+    """Tokens are 3 of 128 directions drawn with Zipf frequencies. The same run with and without nested
+    prefixes: only the Matryoshka loss makes the first 16 and 64 features a dictionary of their own (the
+    most frequent directions), at a small cost on the whole one."""
+    d, n_true = 32, 128
+    sample = zipf_world(d, n_true)
     held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
     results = {}
     for prefixes in ((), (16, 64)):
@@ -451,14 +458,7 @@ def test_matryoshka_prefix_weights_of_one_are_the_plain_loss_and_zero_drops_the_
     """The Zipf world of the test above. Weights (1, 1) train exactly as the plain Matryoshka loss;
     weights (0, 0) leave only the whole dictionary's term, so the prefixes stop reconstructing alone."""
     d, n_true = 32, 128
-    dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen(0)), dim=1)
-    zipf = 1 / torch.arange(1, n_true + 1).double() ** 1.2
-
-    def sample(n, g):
-        idx = torch.multinomial(zipf.expand(n, -1), 3, replacement=False, generator=g)
-        coef = torch.rand(n, 3, generator=g, dtype=F64) + 0.5
-        return torch.zeros(n, n_true, dtype=F64).scatter_add(1, idx, coef) @ dirs.double()
-
+    sample = zipf_world(d, n_true)
     held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
     saes, results = {}, {}
     for weights in (None, (1.0, 1.0), (0.0, 0.0)):
