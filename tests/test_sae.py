@@ -432,6 +432,20 @@ def zipf_world(d: int, n_true: int):
     return sample
 
 
+def train_on_zipf(sample, fit: torch.Tensor, n_features: int, prefixes, prefix_weights=None) -> TopKSAE:
+    """A k 3 SAE with Matryoshka `prefixes`, 300 steps on batches of `sample` (the same batches for every
+    call), in eval mode."""
+    cfg = SAEConfig(
+        d_in=fit.shape[1], n_features=n_features, k=3, aux_k=32, dead_after_tokens=2048, matryoshka=prefixes
+    )
+    sae = TopKSAE(cfg, generator=gen(7), dtype=F64)
+    sae.fit_normalization(fit).init_b_dec_from_data(fit)
+    opt, batches = make_optimizer(sae, 5e-3), gen(1)
+    for _ in range(300):
+        train_step(sae, opt, sample(512, batches), clip_grad=10.0, prefix_weights=prefix_weights)
+    return sae.eval()
+
+
 def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not():
     """Tokens are 3 of 128 directions drawn with Zipf frequencies. The same run with and without nested
     prefixes: only the Matryoshka loss makes the first 16 and 64 features a dictionary of their own (the
@@ -441,13 +455,7 @@ def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_prefix_does_not
     held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
     results = {}
     for prefixes in ((), (16, 64)):
-        cfg = SAEConfig(d_in=d, n_features=n_true, k=3, aux_k=32, dead_after_tokens=2048, matryoshka=prefixes)
-        sae = TopKSAE(cfg, generator=gen(7), dtype=F64)
-        sae.fit_normalization(fit).init_b_dec_from_data(fit)
-        opt, batches = make_optimizer(sae, 5e-3), gen(1)  # both runs see the same batches
-        for _ in range(300):
-            train_step(sae, opt, sample(512, batches), clip_grad=10.0)
-        sae.eval()
+        sae = train_on_zipf(sample, fit, n_true, prefixes)
         results[prefixes] = {w: prefix_fvu(sae, held_out, w) for w in (16, 64, n_true)}
     plain, nested = results[()], results[(16, 64)]
     assert nested[16] < plain[16] - 0.2 and nested[64] < plain[64] - 0.1, results
@@ -462,13 +470,7 @@ def test_matryoshka_prefix_weights_of_one_are_the_plain_loss_and_zero_drops_the_
     held_out, fit = sample(4096, gen(5)), sample(8192, gen(6))
     saes, results = {}, {}
     for weights in (None, (1.0, 1.0), (0.0, 0.0)):
-        cfg = SAEConfig(d_in=d, n_features=n_true, k=3, aux_k=32, dead_after_tokens=2048, matryoshka=(16, 64))
-        sae = TopKSAE(cfg, generator=gen(7), dtype=F64)
-        sae.fit_normalization(fit).init_b_dec_from_data(fit)
-        opt, batches = make_optimizer(sae, 5e-3), gen(1)
-        for _ in range(300):
-            train_step(sae, opt, sample(512, batches), clip_grad=10.0, prefix_weights=weights)
-        sae.eval()
+        sae = train_on_zipf(sample, fit, n_true, (16, 64), weights)
         saes[weights], results[weights] = sae, {w: prefix_fvu(sae, held_out, w) for w in (16, 64, n_true)}
     plain, ones = saes[None].state_dict(), saes[(1.0, 1.0)].state_dict()
     assert all(torch.allclose(plain[k], ones[k], rtol=0, atol=1e-9) for k in plain)
