@@ -94,7 +94,11 @@ def test_a_partially_whitened_sae_records_its_power_and_learns(acts, tmp_path):
     assert reconstruction_metrics(sae, x)["fvu"] == pytest.approx(held["fvu"], rel=1e-4)
 
 
-@pytest.mark.parametrize("scene", [[], ["--scene-features", "8"]], ids=["tokens", "whole_images"])
+@pytest.mark.parametrize(
+    "scene",
+    [[], ["--scene-features", "8"], ["--lr-decay", "0.6"]],
+    ids=["tokens", "whole_images", "killed_while_the_lr_decays"],
+)
 def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch, scene):
     train_sae.main(train_args(acts, tmp_path / "clean", "--out", str(tmp_path / "a"), *scene))
     real_step = train_sae.train_step
@@ -115,6 +119,34 @@ def test_killed_training_resumes_to_the_same_sae(acts, tmp_path, monkeypatch, sc
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="other settings"):
         train_sae.main(train_args(acts, tmp_path / "resumed", "--k", "8", *scene))
+
+
+def test_lr_decay_falls_linearly_over_the_last_share_of_steps_to_near_zero(acts, tmp_path):
+    train_sae.main(train_args(acts, tmp_path / "constant", "--out", str(tmp_path / "a")))
+    train_sae.main(train_args(acts, tmp_path / "decay", "--out", str(tmp_path / "b"), "--lr-decay", "0.5"))
+    rows = [json.loads(x) for x in (tmp_path / "decay" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}  # the rate the logged step used
+    base = train_sae.default_lr(128)
+    # 300 steps: constant for steps 1-150, then 150 steps from base x 150/151 down to base x 1/151.
+    assert lr[1] == lr[150] == pytest.approx(base)
+    assert lr[200] == pytest.approx(base * 101 / 151) and lr[300] == pytest.approx(base / 151)
+    constant = [json.loads(x) for x in (tmp_path / "constant" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["lr"] == pytest.approx(base) for r in constant if "lr" in r)
+    # The same batches until step 150, so the runs part only where the rate falls; both learn.
+    a, b = weights(tmp_path / "a" / SITE), weights(tmp_path / "b" / SITE)
+    assert not torch.equal(a["W_dec"], b["W_dec"])
+    held = json.loads((tmp_path / "decay" / "result.json").read_text())["held_out"]
+    assert held["fvu"] < 0.4, held
+    assert fluxsae.load_sae(tmp_path / "b", site=SITE).cfg.extra["training"]["lr_decay"] == 0.5
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5", "nan"])
+def test_a_bad_lr_decay_is_refused_before_any_work(acts, tmp_path, share):
+    with pytest.raises(
+        SystemExit, match=r"--lr-decay is the share of the last steps that decay, in \[0, 1\]; got"
+    ):
+        train_sae.main(train_args(acts, tmp_path / "work", "--lr-decay", share))
+    assert not (tmp_path / "work").exists()
 
 
 def test_two_ddp_processes_match_one_with_the_same_global_batch(acts, tmp_path):

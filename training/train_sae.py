@@ -62,6 +62,9 @@ class TrainConfig:
     """Tokens per step and per process: the global batch is batch_size x world size."""
     lr: float | None = None
     """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does (`default_lr`)."""
+    lr_decay: float = 0.0
+    """Share of the last steps over which the learning rate falls linearly to 0 (`lr_at`; SAELens's
+    lr_decay_steps, Anthropic's 2024 recipe decays over the last 20%); 0: constant."""
     normalization: Literal["none", "standardize", "pca", "whiten"] = "standardize"
     """Input normalisation learnt from `norm_sample` random training tokens, folded in on export."""
     whiten_power: float = WHITEN_POWER
@@ -237,6 +240,18 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
+    """The learning rate of step `step` (0-based) of `total_steps`: `lr`, then over the last `decay`
+    share of the steps a linear fall that would reach 0 one step after the end."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"lr_decay is a share of the steps, between 0 and 1; got {decay}")
+    decay_steps = round(decay * total_steps)
+    start = total_steps - decay_steps
+    if decay_steps == 0 or step < start:
+        return lr
+    return lr * (total_steps - step) / (decay_steps + 1)
+
+
 def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -> dict:
     rank, world = _distributed()
     store = ActivationStore(cfg.acts)
@@ -245,6 +260,10 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
         raise SystemExit(f"{cfg.acts} has no shards to train on; harvest first.")
     images_per_batch, extra_loss = scene_loss(cfg, store)
     prefix_weights = matryoshka_weights(cfg)
+    if not 0.0 <= cfg.lr_decay <= 1.0:  # refused before the run is claimed
+        raise SystemExit(
+            f"--lr-decay is the share of the last steps that decay, in [0, 1]; got {cfg.lr_decay}."
+        )
     claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
@@ -276,6 +295,8 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
         for i, x in enumerate(batches):
             if i < skip:
                 continue
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, lr, cfg.lr_decay)
             before = sae.tokens_since_fired.clone()
             stats = train_step(model, opt, x.to(device), extra_loss=extra_loss, prefix_weights=prefix_weights)
             _sync_dead_tracking(sae, before, global_batch, world)
@@ -283,7 +304,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
             tokens += global_batch
             bar.update(1)
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-                stats = {**stats, "dead_fraction": sae.dead_fraction()}
+                stats = {**stats, "dead_fraction": sae.dead_fraction(), "lr": opt.param_groups[0]["lr"]}
                 row = {"step": step, "tokens": tokens, "seconds": round(time.time() - t0, 2), **stats}
                 append_jsonl(metrics, row)
                 bar.set_postfix(fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
