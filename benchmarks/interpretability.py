@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-baselines", action="store_true", help="skip MLP, raw, random and the probe")
     p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the generations")
     p.add_argument("--out", type=Path, default=RESULTS / "interpretability.json")
+    argv = sys.argv[1:] if argv is None else argv  # recorded in the results file
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -244,7 +246,7 @@ def main(argv=None) -> dict:
             print(site, "probe", site_results["probe"]["summary"], flush=True)
         results[site] = site_results
 
-    return write_report(args.out, "python benchmarks/interpretability.py " + " ".join(argv or []), {
+    return write_report(args.out, "python benchmarks/interpretability.py " + " ".join(argv), {
         "scenes": args.scenes, "seed": args.seed, "select": "first half", "eval": "second half",
         "steps": "unit activations averaged over all 8 steps", "concepts": CONCEPTS,
         "seconds": round(time.perf_counter() - start, 1), "results": results,
