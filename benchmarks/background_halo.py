@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from interpretability import next_to_an_object, split_auroc
-from shapes_activations import generate, parse_dicts, scene_arguments, write_report
+from shapes_activations import command_line, generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -105,7 +104,6 @@ def main(argv=None) -> dict:
                    help="dictionaries whose best unit to report (default: the packaged SAE)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="interpretability.py's file of generations")
     p.add_argument("--out", type=Path, default=RESULTS / "background_halo.json")
-    argv = sys.argv[1:] if argv is None else argv  # recorded in the results file
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
@@ -121,7 +119,7 @@ def main(argv=None) -> dict:
             figures = site_figures(acts[site], codes, masks, scenes, args.scenes // 2)
             results.setdefault(site, {})[name] = figures
             print(site, name, json.dumps(results[site][name]), flush=True)
-    return write_report(args.out, "python benchmarks/background_halo.py " + " ".join(argv), {
+    return write_report(args.out, command_line(__file__, argv), {
         "scenes": args.scenes, "seed": args.seed, "select": "first half", "eval": "second half",
         "seconds": round(time.perf_counter() - start, 1), "results": results,
     })  # fmt: skip

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from shapes_activations import generate, parse_dicts, scene_arguments, write_report
+from shapes_activations import command_line, generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -204,7 +203,6 @@ def main(argv=None) -> dict:
     p.add_argument("--no-baselines", action="store_true", help="skip MLP, raw, random and the probe")
     p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the generations")
     p.add_argument("--out", type=Path, default=RESULTS / "interpretability.json")
-    argv = sys.argv[1:] if argv is None else argv  # recorded in the results file
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -246,7 +244,7 @@ def main(argv=None) -> dict:
             print(site, "probe", site_results["probe"]["summary"], flush=True)
         results[site] = site_results
 
-    return write_report(args.out, "python benchmarks/interpretability.py " + " ".join(argv), {
+    return write_report(args.out, command_line(__file__, argv), {
         "scenes": args.scenes, "seed": args.seed, "select": "first half", "eval": "second half",
         "steps": "unit activations averaged over all 8 steps", "concepts": CONCEPTS,
         "seconds": round(time.perf_counter() - start, 1), "results": results,

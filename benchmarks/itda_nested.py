@@ -26,13 +26,12 @@ alone, whose FVU here is its held-out FVU's twin, 0.038 at double 3).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from interpretability import score_units
-from shapes_activations import generate, scene_arguments, write_report
+from shapes_activations import command_line, generate, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -75,7 +74,6 @@ def main(argv=None) -> dict:
     p.add_argument("--k2", type=int, default=24)
     p.add_argument("--cache", type=Path, default=None, help="safetensors file to keep/reuse the generations")
     p.add_argument("--out", type=Path, default=RESULTS / "itda_nested.json")
-    argv = sys.argv[1:] if argv is None else argv  # recorded in the results file
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -96,7 +94,7 @@ def main(argv=None) -> dict:
             print(site, f"k1 {k1} k2 {args.k2}", scored["summary"], per_concept, flush=True)
         results[site] = site_results
 
-    return write_report(args.out, "python benchmarks/itda_nested.py " + " ".join(argv), {
+    return write_report(args.out, command_line(__file__, argv), {
         "scenes": args.scenes, "seed": args.seed, "coarse": str(args.coarse), "fine": str(args.fine),
         "seconds": round(time.perf_counter() - start, 1), "results": results,
     })  # fmt: skip

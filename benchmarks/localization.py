@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from interpretability import logistic_scores
-from shapes_activations import generate, parse_dicts, scene_arguments, write_report
+from shapes_activations import command_line, generate, parse_dicts, scene_arguments, write_report
 
 import fluxsae
 from fluxsae import shapes
@@ -113,7 +112,6 @@ def main(argv=None) -> dict:
         metavar="NAME=FOLDER",
         help="score these dictionaries (Hub-layout roots, a folder per site), not the packaged",
     )
-    argv = sys.argv[1:] if argv is None else argv  # recorded in the results file
     args = p.parse_args(argv)
     dictionaries = parse_dicts(args.dict) or {"sae": ("shapes", "sae"), "itda": ("shapes", "itda")}
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -186,7 +184,7 @@ def main(argv=None) -> dict:
         }
         for key, rows in results.items()
     }  # fmt: skip
-    report = write_report(args.out, "python benchmarks/localization.py " + " ".join(argv), {
+    report = write_report(args.out, command_line(__file__, argv), {
         "scenes": args.scenes, "seed": args.seed, "select_scenes": "first half", "eval_scenes": "second half",
         "concepts": CONCEPTS, "steps": "codes averaged over all 8 steps",
         "seconds": {"generate": round(seconds_generate, 1), "total": round(time.perf_counter() - start, 1)},

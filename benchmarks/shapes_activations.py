@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def parse_dicts(specs: list[str]) -> dict[str, tuple[str, None]]:
             raise SystemExit(f"--dict takes NAME=FOLDER (a Hub-layout dictionary root), got {spec!r}")
         out[name] = (where, None)
     return out
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """How a script was run, for its results file: `argv` as `main(argv)` got it, or the shell's."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *args])
 
 
 def write_report(out: Path, command: str, fields: dict) -> dict:
