@@ -77,6 +77,21 @@ def test_packaged_dictionaries_reconstruct_fresh_activations(pipe, site):
         assert metrics["fvu"] < 0.10 and metrics["l0"] <= k, (type(dictionary).__name__, metrics)
 
 
+@pytest.mark.parametrize("site", ["transformer_blocks.3.image", "single_transformer_blocks.2.image"])
+def test_packaged_sae_was_trained_with_the_builds_recipe(site):
+    """The training settings recorded in each packaged image SAE are those `python -m
+    training.shapes_dictionaries` uses for its site (flags at their defaults, SITE_SAE): editing the
+    recipe without rebuilding the package fails here."""
+    from fluxsae import load_sae
+    from training.shapes_dictionaries import build_parser, sae_settings
+
+    recorded = load_sae("shapes", site=site).cfg.extra["training"]
+    for field, value in sae_settings(build_parser().parse_args([]), site).items():
+        value = list(value) if isinstance(value, tuple) else value
+        assert recorded[field] == value, (field, recorded[field], value)
+    assert recorded["site"] == site and recorded["tokens"] == 24_000_000
+
+
 def test_binding_probe_targets_follow_the_tokens_and_the_pixels(pipe):
     from training.shapes_probes import NO_OBJECT, PROBED_ATTRIBUTES, image_targets, text_targets
 

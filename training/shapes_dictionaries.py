@@ -46,7 +46,7 @@ SITE_SAE = {
     "transformer_blocks.3.image": {**SCENE_RECIPE, "scene_overlap": 1.0},
     "single_transformer_blocks.2.image": {
         **SCENE_RECIPE, "scene_overlap": 4.0, "k": 48, "matryoshka": (2, 16, 128, 512), "scene_offset": 2,
-        "lr_decay": 0.2,
+        "lr_decay": 0.2, "seed": 2,
     },
 }
 """Where a packaged image SAE departs from the flags (`--no-site-recipes`: nowhere): SCENE_RECIPE with
@@ -74,6 +74,7 @@ def sae_settings(args, site: str) -> dict:
     flags = dict(
         k=args.k, matryoshka=tuple(args.matryoshka), scene_features=args.scene_features,
         scene_offset=args.scene_offset, scene_weight=args.scene_weight, scene_overlap=args.scene_overlap,
+        seed=0,
     )  # fmt: skip
     return {**flags, **({} if args.no_site_recipes else SITE_SAE.get(site, {}))}
 
@@ -120,7 +121,7 @@ def sae_stage(args, acts: Path, staging: Path) -> dict:
     for site in args.sites:
         cfg = TrainConfig(
             acts=str(acts), site=site, n_features=args.n_features, tokens=args.tokens, batch_size=4096,
-            normalization="standardize", aux_k=256, held_out=0.1, seed=0, **sae_settings(args, site),
+            normalization="standardize", aux_k=256, held_out=0.1, **sae_settings(args, site),
         )  # fmt: skip
         results[site] = train(cfg, args.work / "sae" / site, staging / "sae")
     return results
@@ -191,6 +192,8 @@ def model_card(report: dict, method: str) -> str:
                 line += f", and to fire on different images (overlap term, nu {r['scene_overlap']})"
         if r.get("lr_decay"):
             line += f"; learning rate decayed linearly over the last {100 * r['lr_decay']:.0f}% of the steps"
+        if r.get("seed"):
+            line += f"; training seed {r['seed']}"
         recipes.append(line)
     loader = {"sae": "load_sae", "itda": "load_itda"}[method]
     return "\n".join([
@@ -208,7 +211,7 @@ def model_card(report: dict, method: str) -> str:
     ])  # fmt: skip
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--work",
@@ -262,6 +265,11 @@ def main(argv=None) -> None:
         "--stages", choices=("all", "text"), default="all",
         help="'text': only the text-stream SAEs, added to an existing build in --work (its report.json)",
     )  # fmt: skip
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
 
     staging, built = args.work / "package", args.work / "report.json"
