@@ -60,13 +60,17 @@ Single 2 also takes k 48: coverage 0.67 / 0.60 -> 0.73 / 0.73 (seeds 0 / 1; obje
 purple pass at both), held-out FVU 0.037 -> 0.026, median 0.952 / 0.935 -> 0.925 / 0.934. At double 3
 k 48 gave 0.87 / 0.87 against k 32's 0.93 / 0.80, so it stays at k 32.
 Single 2 then takes 2 free features rather than 4 (prefixes 2, 16, 128, 512, scene features 2-13) and a
-learning rate that decays over the last 20% of the steps (train_sae --lr-decay 0.2): at seed 0 (this
-package) coverage 0.73 -> 0.93 (only gray misses), median 0.925 -> 0.927, FVU 0.026 -> 0.024; with 4
+learning rate that decays over the last 20% of the steps (train_sae --lr-decay 0.2): at seed 0
+coverage 0.73 -> 0.93 (only gray misses), median 0.925 -> 0.927, FVU 0.026 -> 0.024; with 4
 free features the first two read the warm colours and blue, with 2 the colours get sparse features.
 The gain is partly luck: on 200 fresh scenes (seed 777) 0.73 -> 0.80, and seed 1 gives 0.60 (fresh:
 0.67) where the k 48 recipe gave 0.73. With 1 free feature: 0.80 (fresh 0.73); the decay alone: 0.73 /
 0.80 over two seeds. Seeds 0-4 of this recipe: coverage 0.93 / 0.60 / 0.87 / 0.87 / 0.73 (fresh scenes
-0.80 / 0.67 / 0.93 / 0.80 / 0.80), median 0.908-0.954; gray misses at every seed."""
+0.80 / 0.67 / 0.93 / 0.80 / 0.80), median 0.908-0.954; gray misses at every seed.
+The package takes seed 2, the best on the fresh scenes of seed 777 (a validation set), and confirmed
+on 200 test scenes of seed 2027 looked at after the choice: coverage 0.93 (seed 0: 0.80), median
+0.949 (0.936), only gray missing. On the benchmark's scenes (seed 31337) 0.87 / 0.954 (seed 0: 0.93 /
+0.927). Every other site keeps seed 0."""
 
 
 def sae_settings(args, site: str) -> dict:
