@@ -14,7 +14,10 @@ elsewhere, on the first 100 scenes, steps averaged), the map being the projectio
 with m the midpoint of the two class means, so positive means "on the concept's side". Ceiling: a
 logistic probe on the whole residual (steps averaged, fitted on the first 100 scenes' tokens), the map
 being its probability; no linear readout of these activations detects the concept's tokens better,
-so its IoU says roughly how much of the target a site allows.
+so its IoU says roughly how much of the target a site allows. Each row also says where the half-max
+maps go wrong (`half_max_errors`): the concept's tokens left off, and the tokens on that lie on its
+rim, on other objects or further out; the share kept of fully and of partly covered tokens; how often
+the peak that sets the cut lies off the concept.
 
     python benchmarks/localization.py                 # writes results/localization.json
     python benchmarks/localization.py --cache /tmp/loc_acts.safetensors   # reuse the generations
@@ -28,6 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from interpretability import logistic_scores
 from shapes_activations import command_line, generate, parse_dicts, scene_arguments, write_report
@@ -43,8 +47,9 @@ CONCEPTS = [f"color:{c}" for c in shapes.COLORS] + [f"shape:{s}" for s in shapes
 THRESHOLDS = {"half_max": 0.5, "otsu": "otsu"}
 
 
-def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept: str) -> dict:
-    """IoU of unit_maps [n, 64] with the concept's masks on the eval scenes that show the concept."""
+def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept: str, coverage: dict) -> dict:
+    """IoU of unit_maps [n, 64] with the concept's masks on the eval scenes that show the concept;
+    coverage[concept] [n, 64]: the share of each token its objects cover (for `half_max_errors`)."""
     shown = [i for i in eval_idx if masks[concept][i].any()]
     maps = unit_maps[shown]
     truth_masks = torch.from_numpy(masks[concept][shown])
@@ -58,6 +63,56 @@ def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept:
     # A silent map (nothing > 0) scores IoU 0: how often that happens says whether a low IoU means
     # "fires in the wrong place" or "does not fire on this scene at all".
     out["silent_share"] = float((maps.flatten(1).max(1).values <= 0).float().mean())
+    objects, cover = (torch.from_numpy(a[shown]) for a in (masks["object"], coverage[concept]))
+    out["half_max_errors"] = half_max_errors(maps, truth_masks, objects, cover)
+    return out
+
+
+ERRORS = ("missed", "on_rim", "on_other_objects", "on_far_background", "kept_full", "kept_partial",
+          "peak_off_concept", "peak_on_its_edge", "peak_on_other_objects")  # fmt: skip
+
+
+def half_max_errors(maps: torch.Tensor, concept: torch.Tensor, objects: torch.Tensor, cover: torch.Tensor):
+    """Where a half-max map goes wrong. maps [m, 64]; concept, objects bool [m, 64]; cover [m, 64] the
+    share of each token the concept's objects cover. Medians over the scenes: `missed` = share of the
+    concept's tokens left off; of the tokens on, the share on the concept's rim (background tokens
+    8-adjacent to it), on other objects, and on the background further away. Means over the scenes:
+    the share kept of the concept's tokens that its objects cover fully (>= 90%) and partly (25-90%),
+    and how often the map's peak lies off the concept's tokens (so that the 0.5 x peak cut is set
+    by a token outside the mask): on a token its objects cover under 25% of, or on another object."""
+    peak = maps.max(1, keepdim=True).values
+    on = (maps >= 0.5 * peak) & (peak > 0)
+    grid = concept.float().reshape(-1, 1, 8, 8)
+    rim = (torch.nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(-1, 64) > 0) & ~objects
+    n_on = on.sum(1).clamp(min=1).float()
+    shares = {
+        "missed": (concept & ~on).sum(1) / concept.sum(1).float(),
+        "on_rim": (on & rim).sum(1) / n_on,
+        "on_other_objects": (on & objects & ~concept).sum(1) / n_on,
+        "on_far_background": (on & ~objects & ~rim).sum(1) / n_on,
+    }
+    out = {name: float(share.median()) for name, share in shares.items()}
+    for name, part in (("kept_full", concept & (cover >= 0.9)), ("kept_partial", concept & (cover < 0.9))):
+        has = part.any(1)
+        kept = (on & part).sum(1)[has] / part.sum(1)[has].float()
+        out[name] = float(kept.mean()) if has.any() else float("nan")
+    at_peak = maps.argmax(1, keepdim=True)
+    off, peak_cover = ~concept.gather(1, at_peak)[:, 0], cover.gather(1, at_peak)[:, 0]
+    peak_on_object = objects.gather(1, at_peak)[:, 0]
+    out["peak_off_concept"] = float(off.float().mean())
+    out["peak_on_its_edge"] = float((off & (peak_cover > 0)).float().mean())  # under 25% of it covered
+    out["peak_on_other_objects"] = float((off & (peak_cover == 0) & peak_on_object).float().mean())
+    return out
+
+
+def concept_coverage(scenes, concept: str):
+    """[n, 64] float: per token, the largest share of it covered by one object showing the concept."""
+    out = np.zeros((len(scenes), shapes.world.TOKEN_GRID**2), dtype=np.float32)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            if concept in (f"color:{obj.color}", f"shape:{obj.shape}"):
+                cover = shapes.world.token_coverage(shapes.world.object_mask(obj)).reshape(-1)
+                out[i] = np.maximum(out[i], cover)
     return out
 
 
@@ -121,6 +176,7 @@ def main(argv=None) -> dict:
     seconds_generate = time.perf_counter() - start
     scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
     masks = truth.scene_masks(scenes)
+    coverage = {c: concept_coverage(scenes, c) for c in CONCEPTS}
     half = args.scenes // 2
     select, evaluate = list(range(half)), list(range(half, args.scenes))
     select_masks = {c: m[select] for c, m in masks.items()}
@@ -146,11 +202,11 @@ def main(argv=None) -> dict:
                     "feature": unit,
                     "auroc_select": auroc,
                     "auroc_eval": float(eval_aurocs[unit, c]),
-                    **localize(codes[:, :, unit], masks, evaluate, concept),
+                    **localize(codes[:, :, unit], masks, evaluate, concept, coverage),
                     "chosen_by_iou": {
                         "feature": by_iou,
                         "auroc_eval": float(eval_aurocs[by_iou, c]),
-                        **localize(codes[:, :, by_iou], masks, evaluate, concept),
+                        **localize(codes[:, :, by_iou], masks, evaluate, concept, coverage),
                     },
                 }
             results[f"{method}:{site}"] = rows
@@ -167,7 +223,7 @@ def main(argv=None) -> dict:
                 rows[concept] = {
                     "auroc_select": float(auroc_select[0, 0]),
                     "auroc_eval": float(auroc_eval[0, 0]),
-                    **localize(maps, masks, evaluate, concept),
+                    **localize(maps, masks, evaluate, concept, coverage),
                 }
             results[f"{name}:{site}"] = rows
             print(name, site, {k: round(v["median_iou_half_max"], 3) for k, v in rows.items()})
@@ -179,6 +235,8 @@ def main(argv=None) -> dict:
             "median_over_concepts_of_median_iou_otsu": _median(r["median_iou_otsu"] for r in rows.values()),
             "median_auroc_eval": _median(r["auroc_eval"] for r in rows.values()),
             "median_silent_share": _median(r.get("silent_share", float("nan")) for r in rows.values()),
+            **{f"median_half_max_{name}": _median(r["half_max_errors"][name] for r in rows.values())
+               for name in ERRORS},
             "chosen_by_iou_median_over_concepts_of_median_iou_half_max": _median(
                 r["chosen_by_iou"]["median_iou_half_max"] for r in rows.values() if "chosen_by_iou" in r),
         }
