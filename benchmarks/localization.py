@@ -68,6 +68,13 @@ def localize(unit_maps: torch.Tensor, masks: dict, eval_idx: list[int], concept:
     return out
 
 
+def half_max_on(maps: torch.Tensor) -> torch.Tensor:
+    """The tokens (dim 1) of each map at >= 0.5 x its max, none where the max is <= 0: the rule of
+    `truth.heatmap_iou`'s default threshold."""
+    peak = maps.max(1, keepdim=True).values
+    return (maps >= THRESHOLDS["half_max"] * peak) & (peak > 0)
+
+
 ERRORS = ("missed", "on_rim", "on_other_objects", "on_far_background", "kept_full", "kept_partial",
           "peak_off_concept", "peak_on_its_edge", "peak_on_other_objects")  # fmt: skip
 
@@ -80,10 +87,10 @@ def half_max_errors(maps: torch.Tensor, concept: torch.Tensor, objects: torch.Te
     the share kept of the concept's tokens that its objects cover fully (>= 90%) and partly (25-90%),
     and how often the map's peak lies off the concept's tokens (so that the 0.5 x peak cut is set
     by a token outside the mask): on a token its objects cover under 25% of, or on another object."""
-    peak = maps.max(1, keepdim=True).values
-    on = (maps >= 0.5 * peak) & (peak > 0)
-    grid = concept.float().reshape(-1, 1, 8, 8)
-    rim = (torch.nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(-1, 64) > 0) & ~objects
+    on = half_max_on(maps)
+    side = shapes.world.TOKEN_GRID
+    grid = concept.float().reshape(-1, 1, side, side)
+    rim = (torch.nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(concept.shape) > 0) & ~objects
     n_on = on.sum(1).clamp(min=1).float()
     shares = {
         "missed": (concept & ~on).sum(1) / concept.sum(1).float(),
@@ -123,8 +130,7 @@ def best_unit_by_iou(codes: torch.Tensor, masks: dict, select_idx: list[int], co
     shown = [i for i in select_idx if masks[concept][i].any()]
     maps = codes[shown]  # [m, 64, U]
     mask = torch.from_numpy(masks[concept][shown])[:, :, None]  # [m, 64, 1]
-    peak = maps.max(1, keepdim=True).values
-    on = (maps >= 0.5 * peak) & (peak > 0)
+    on = half_max_on(maps)
     iou = (on & mask).sum(1).float() / (on | mask).sum(1).float()  # [m, U]; the mask is never empty
     return int(iou.median(0).values.argmax())
 
