@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
     competition, profile, zero_heights = {}, {}, {}
     for site in args.sites:
         sae = fluxsae.load_dictionary("shapes", site=site, method="sae")
+        if sae.cfg.batch_topk:
+            raise SystemExit(f"the packaged SAE at {site} is BatchTopK; these maps assume per-token TopK")
         k = int(sae.cfg.k)
         sae_maps = {}
         for rule, rule_k in ((f"topk {k} (packaged)", k), (f"topk {2 * k}", 2 * k), (f"topk {4 * k}", 4 * k),
@@ -164,7 +166,7 @@ def main(argv=None) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "topk_competition": competition, "cover_profile": profile, "relu_zero_height": zero_heights,
     })  # fmt: skip
-    print(json.dumps({k: v["median_iou_half_max"] for k, v in competition.items()}, indent=2))
+    print(json.dumps({rule: v["median_iou_half_max"] for rule, v in competition.items()}, indent=2))
     return report
 
 
