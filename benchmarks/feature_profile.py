@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     acts = generate(args.scenes, args.seed, args.batch_size, args.cache, SITES)
     scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
     masks = truth.scene_masks(scenes)
-    coverage = {c: concept_coverage(scenes, c) for c in CONCEPTS}
+    coverage = concept_coverage(scenes, CONCEPTS)
     half = args.scenes // 2
     evaluate = list(range(half, args.scenes))
     select_masks = {c: m[:half] for c, m in masks.items()}

@@ -112,14 +112,16 @@ def half_max_errors(maps: torch.Tensor, concept: torch.Tensor, objects: torch.Te
     return out
 
 
-def concept_coverage(scenes, concept: str):
-    """[n, 64] float: per token, the largest share of it covered by one object showing the concept."""
-    out = np.zeros((len(scenes), shapes.world.TOKEN_GRID**2), dtype=np.float32)
+def concept_coverage(scenes, concepts) -> dict[str, np.ndarray]:
+    """concept -> [n, 64] float: per token, the largest share of it covered by one object showing the
+    concept (a colour or shape of `concepts`); each object's coverage is computed once."""
+    out = {c: np.zeros((len(scenes), shapes.world.TOKEN_GRID**2), dtype=np.float32) for c in concepts}
     for i, scene in enumerate(scenes):
         for obj in scene.objects:
-            if concept in (f"color:{obj.color}", f"shape:{obj.shape}"):
-                cover = shapes.world.token_coverage(shapes.world.object_mask(obj)).reshape(-1)
-                out[i] = np.maximum(out[i], cover)
+            cover = shapes.world.token_coverage(shapes.world.object_mask(obj)).reshape(-1)
+            for concept in (f"color:{obj.color}", f"shape:{obj.shape}"):
+                if concept in out:
+                    out[concept][i] = np.maximum(out[concept][i], cover)
     return out
 
 
@@ -182,7 +184,7 @@ def main(argv=None) -> dict:
     seconds_generate = time.perf_counter() - start
     scenes = shapes.sample_scenes(args.scenes, seed=args.seed)
     masks = truth.scene_masks(scenes)
-    coverage = {c: concept_coverage(scenes, c) for c in CONCEPTS}
+    coverage = concept_coverage(scenes, CONCEPTS)
     half = args.scenes // 2
     select, evaluate = list(range(half)), list(range(half, args.scenes))
     select_masks = {c: m[select] for c, m in masks.items()}
