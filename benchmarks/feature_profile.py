@@ -39,32 +39,36 @@ from shapes_activations import command_line, generate, scene_arguments, write_re
 
 import fluxsae
 from fluxsae import shapes
+from fluxsae.feature_stats import step_averaged_codes
 from fluxsae.shapes import truth
 
 RESULTS = Path(__file__).parent / "results"
 COVER_BINS = ((0.25, 0.5), (0.5, 0.75), (0.75, 0.9), (0.9, 1.01))
 
 
-def encoded_maps(sae, acts: torch.Tensor, k: int | None) -> torch.Tensor:
-    """Step-averaged dense codes [n, 64, F] of activations [steps, n, 64, d]: TopK at `k` (the
-    encoder's own rule at k = cfg.k), or ReLU of every pre-activation when k is None."""
-    out = torch.zeros(*acts.shape[1:3], int(sae.cfg.n_features))
+def pre_activations(sae, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's linear pre-activations [..., F] of raw activations [..., d] (before ReLU and TopK)."""
     with torch.no_grad():
-        for step in acts:
-            pre = torch.relu((sae.normalize(step) - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
-            if k is not None:
-                values, indices = pre.topk(k, dim=-1)
-                pre = torch.zeros_like(pre).scatter_(-1, indices, values)
-            out += pre / acts.shape[0]
+        return (sae.normalize(x) - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+
+
+def encoded_maps(sae, acts: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Step-averaged dense codes [n, 64, F] of activations [steps, n, 64, d]: per-token TopK at `k`,
+    or ReLU of every pre-activation when k is None. (At k = cfg.k the library's
+    `step_averaged_codes` gives the package's own codes.)"""
+    out = torch.zeros(*acts.shape[1:3], int(sae.cfg.n_features))
+    for step in acts:
+        pre = pre_activations(sae, step).relu()
+        if k is not None:
+            values, indices = pre.topk(k, dim=-1)
+            pre = torch.zeros_like(pre).scatter_(-1, indices, values)
+        out += pre / acts.shape[0]
     return out
 
 
-def zero_height(sae, acts: torch.Tensor, unit: int, concept_full, background) -> float:
-    """Where the ReLU's zero lies on a feature's step-averaged linear pre-activation: 0 at the median
-    over background tokens, 1 at the median over the concept's fully covered tokens."""
-    with torch.no_grad():
-        pre = sum((sae.normalize(step) - sae.b_dec) @ sae.W_enc[unit] + sae.b_enc[unit] for step in acts)
-    pre = pre / acts.shape[0]
+def zero_height(pre: torch.Tensor, concept_full, background) -> float:
+    """Where the ReLU's zero lies on a feature's step-averaged pre-activation map pre [m, 64]: 0 at the
+    median over background tokens, 1 at the median over the concept's fully covered tokens."""
     full, back = pre[concept_full].median(), pre[background].median()
     return float(-back / (full - back))
 
@@ -113,7 +117,10 @@ def main(argv=None) -> dict:
         sae_maps = {}
         for rule, rule_k in ((f"topk {k} (packaged)", k), (f"topk {2 * k}", 2 * k), (f"topk {4 * k}", 4 * k),
                              ("relu, no top-k", None)):  # fmt: skip
-            codes = encoded_maps(sae, acts[site], rule_k)
+            if rule_k == k:
+                codes = step_averaged_codes(sae, acts[site])  # the package's own codes
+            else:
+                codes = encoded_maps(sae, acts[site], rule_k)
             aurocs, names = truth.concept_auroc(codes[:half], select_masks, CONCEPTS)
             eval_aurocs, _ = truth.concept_auroc(codes[half:], eval_masks, CONCEPTS)
             best = truth.best_units(aurocs, names)
@@ -138,8 +145,8 @@ def main(argv=None) -> dict:
                 sae_maps = {c: codes[:, :, best[c][0]] for c in CONCEPTS}
                 background = torch.from_numpy(~masks["object"][half:])
                 full = {c: torch.from_numpy(eval_masks[c] & (coverage[c][half:] >= 0.9)) for c in CONCEPTS}
-                heights = {c: zero_height(sae, acts[site][:, half:], best[c][0], full[c], background)
-                           for c in CONCEPTS}  # fmt: skip
+                pre = sum(pre_activations(sae, step[half:]) for step in acts[site]) / acts[site].shape[0]
+                heights = {c: zero_height(pre[:, :, best[c][0]], full[c], background) for c in CONCEPTS}
                 zero_heights[site] = {"median": statistics.median(heights.values()), "per_concept": heights}
                 print(site, "zero's height", round(zero_heights[site]["median"], 2), flush=True)
 
@@ -150,7 +157,7 @@ def main(argv=None) -> dict:
             "probe": {c: probe_map(mean_acts, select_masks, c) for c in CONCEPTS},
         }
         for kind, concept_maps in kinds.items():
-            rows = {c: cover_profile(concept_maps[c][half:], eval_masks[c].reshape(-1, 64),
+            rows = {c: cover_profile(concept_maps[c][half:], eval_masks[c],
                                      torch.from_numpy(coverage[c][half:])) for c in CONCEPTS}  # fmt: skip
             by_bin = {b: statistics.median(r["relative_to_peak_by_cover"][b] for r in rows.values())
                       for b in next(iter(rows.values()))["relative_to_peak_by_cover"]}  # fmt: skip
