@@ -32,13 +32,13 @@ from fluxsae.shapes.world import Object, Scene, token_masks
 from training.build_itda import BuildConfig, itda_config, manifest_batches
 
 
-def object_tokens(store: ActivationStore) -> dict[int, torch.Tensor]:
-    """prompt id -> bool [64]: the image tokens that show an object, from the harvest's scenes."""
+def object_tokens(prompts: list[dict], folder) -> dict[int, torch.Tensor]:
+    """prompt id -> bool [64]: the image tokens that show an object, from a harvest's prompt records."""
     out = {}
-    for prompt in store.prompts():
+    for prompt in prompts:
         scene = prompt.get("scene")
         if scene is None:
-            raise SystemExit(f"{store.folder} holds prompts without a scene: harvest Shapes prompts "
+            raise SystemExit(f"{folder} holds prompts without a scene: harvest Shapes prompts "
                              "(python -m training.harvest --prompts shapes).")
         objects = tuple(Object(**o) for o in scene["objects"])
         mask = token_masks(Scene(objects=objects, background=scene["background"]))["object"]
@@ -78,12 +78,13 @@ def main(argv=None) -> dict:
     cfg = BuildConfig(acts=args.acts, site=args.site, k=args.k, threshold=args.threshold,
                       max_atoms=args.max_atoms, prune_cosine=args.prune_cosine, seed=args.seed)  # fmt: skip
     store = ActivationStore(cfg.acts)
+    prompts = list(store.prompts())
     train, held_out = split_shards(len(store.shards), cfg.held_out)
     start = time.perf_counter()
     batches = manifest_batches(store, cfg.site, train, cfg.batch_size, cfg.seed, cfg.shards_in_memory)
     itda = build_itda(
-        object_share_batches(batches, object_tokens(store), args.object_share, args.seed + 5),
-        itda_config(cfg, store), prompts={int(q["id"]): q["prompt"] for q in store.prompts()},
+        object_share_batches(batches, object_tokens(prompts, store.folder), args.object_share, args.seed + 5),
+        itda_config(cfg, store), prompts={int(q["id"]): q["prompt"] for q in prompts},
     )  # fmt: skip
     result = {"object_share": args.object_share, "build_config": dataclasses.asdict(cfg),
               "n_atoms": itda.n_atoms, "seconds": round(time.perf_counter() - start, 1),
