@@ -1,7 +1,7 @@
 """The Shapes world: scenes of 1-2 coloured shapes with exact per-token concept labels, their
 captions, and a reader that recovers a scene from pixels (see `world` and `reader`)."""
 
-from fluxsae.shapes.reader import attribute_accuracy, read_attributes
+from fluxsae.shapes.reader import as_drawn, attribute_accuracy, read_attributes
 from fluxsae.shapes.world import (
     BACKGROUNDS,
     COLORS,
@@ -37,6 +37,7 @@ __all__ = [
     "TOKEN_GRID",
     "Object",
     "Scene",
+    "as_drawn",
     "attribute_accuracy",
     "caption",
     "concept_names",
