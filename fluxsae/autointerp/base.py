@@ -31,9 +31,10 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["ok", "malformed", "empty", "error", "no_examples"]
+Status = Literal["ok", "malformed", "empty", "error", "no_examples", "unexplained"]
 """How an answer ended: "ok" (read), "malformed" (an answer that does not follow the format),
-"empty" (no text), "error" (no answer after every retry), "no_examples" (nothing to show)."""
+"empty" (no text), "error" (no answer after every retry), "no_examples" (nothing to show),
+"unexplained" (no candidate label describes the unit precisely enough: the Shapes oracle)."""
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,27 @@ def capture_mlp(pipe, sites: Sequence[str], n_image_tokens: int) -> Iterator[dic
                 h.remove()
 
 
+@contextlib.contextmanager
+def capture_noise(pipe) -> Iterator[list[torch.Tensor]]:
+    """Record the starting noise of every generation: the latent the transformer gets at the first step
+    on the prompt's pass, [batch, image tokens, channels] per pipe call, in call order. The seed-noise
+    explanation of `fluxsae.autointerp.detection` reads it. The hook is removed in `finally`."""
+    recorded: list[torch.Tensor] = []
+    with track_steps(pipe) as tracker:
+
+        def hook(module, args, kwargs):
+            if tracker.step == 0 and tracker.pass_name == "cond":
+                latent = kwargs.get("hidden_states", args[0] if args else None)
+                recorded.append(latent.detach().float().cpu().clone())
+
+        # Registered after the tracker's own pre-hook, so it reads this call's step and pass.
+        handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield recorded
+        finally:
+            handle.remove()
+
+
 def stack_steps(calls: list[torch.Tensor], n_steps: int) -> torch.Tensor:
     """One generation's recorded calls (one per step) -> [steps, batch, tokens, hidden]."""
     if len(calls) != n_steps:

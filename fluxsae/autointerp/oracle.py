@@ -1,42 +1,39 @@
 """The Shapes oracle: an explainer and a judge that read the ground truth instead of the pixels.
 
-Explainer: the label of a unit is the candidate concept whose token mask its activation detects
-best (highest AUROC). Candidates (`candidate_concepts`): every single attribute ("red", "square",
-"small object", "object at the top left", "gray background", "object"), each also restricted to
-the early or the late half of the denoising steps ("red, early steps only"), and pairs ("yellow
-square", "small red object", "green on a gray background", ...). A more complex candidate wins only
-when it beats a simpler one by `margin` AUROC per extra part, so "red" is not reported as "red on a
-black background" for a trace of difference.
+Explainer: a unit's label is the concept it detects, by the rule of `fluxsae.autointerp.detection`:
+token-level precision >= 0.8 (when it fires, is it the concept?) on the scenes the label is chosen on
+and on held-out ones, then the best F1, a more complex concept winning only when it earns its parts.
+A unit no candidate describes that precisely is "unexplained": it gets no label rather than the
+nearest wrong one. Candidates (`fluxsae.autointerp.concepts`) name attributes, parts of objects
+(inside, edge, a side, the halo), regions of the image, step halves, and the starting noise.
 
-AUROCs are computed over (step half, scene, token) samples: the unit's activation averaged over
-the early steps and over the late steps of each image, so one AUROC ranks every candidate, step-
-restricted or not. `concept_coverage` answers the simpler question of the issue (activations
-averaged over all steps, the 15 single concepts).
+Scenes should carry the placement the images show (`fluxsae.shapes.as_drawn`): the model draws an
+object anywhere in its caption's cell.
 
-Judge: the score of one image is the share of the blue paint (alpha, see `render.alpha_map`) that
-lies on tokens of the label's concept in that scene (a weighted precision). What is painted is the
-step-averaged map, so the step restriction of a label cannot be seen and is not judged.
+Judge (the reference work's score): the score of one image is the share of the blue paint (alpha, see
+`render.alpha_map`) that lies on tokens of the label's concept in that scene (a weighted precision).
+What is painted is the step-averaged map, so the step restriction of a label is not judged, and a
+seed-noise label, which names no region of the image, is not judged at all.
+
+`concept_coverage` answers a simpler question: the best unit's AUROC for each of the 15 single concepts.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fluxsae.autointerp.base import Example, Explanation, Judgement, UnitExamples
+from fluxsae.autointerp.concepts import SCOPES, Concept, candidate_concepts
+from fluxsae.autointerp.detection import NOISE_KEY, Detector, UnitLabel
 from fluxsae.autointerp.render import alpha_map
 from fluxsae.shapes import truth
-from fluxsae.shapes.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, token_masks
+from fluxsae.shapes.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 
 logger = logging.getLogger(__name__)
-
-SCOPES = ("all", "early", "late")
-"""Which denoising steps a concept is about: all of them, the first half, the second half."""
 
 SINGLE_CONCEPTS: tuple[str, ...] = (
     "object",
@@ -47,169 +44,84 @@ SINGLE_CONCEPTS: tuple[str, ...] = (
 )
 """The 15 single concepts of concept coverage: "object", 3 shapes, 6 colours, 2 sizes, 3 backgrounds."""
 
-_OBJECT_KINDS = ("shape", "color", "size", "position")
-
-
-@dataclass(frozen=True)
-class Concept:
-    """A Shapes concept: one or two attributes, optionally restricted to early or late steps."""
-
-    parts: tuple[str, ...]
-    """Attributes in `truth.CONCEPTS` spelling ("color:red", "shape:square", "background:gray", "object");
-    a token shows the concept when one object on it has every object attribute and the scene has the
-    background attribute (a background alone: the tokens that show no object)."""
-    scope: str = "all"
-    """One of SCOPES."""
-
-    @property
-    def key(self) -> str:
-        """Machine-readable name, e.g. "color:yellow+shape:square", "color:red@early"."""
-        return "+".join(self.parts) + ("" if self.scope == "all" else f"@{self.scope}")
-
-    @classmethod
-    def from_key(cls, key: str) -> Concept:
-        parts, _, scope = key.partition("@")
-        concept = cls(tuple(parts.split("+")), scope or "all")
-        known = all(p == "object" or p in truth.CONCEPTS for p in concept.parts)
-        if concept.scope not in SCOPES or not known:
-            raise ValueError(f"{key!r} is not a Shapes concept key (e.g. 'color:red+shape:square@early').")
-        return concept
-
-    @property
-    def complexity(self) -> int:
-        return len(self.parts) - 1 + (self.scope != "all")
-
-    @property
-    def text(self) -> str:
-        """The label as a person would write it: "yellow square", "green on a gray background"."""
-        values = dict(p.split(":", 1) if ":" in p else (p, p) for p in self.parts)
-        background = values.pop("background", None)
-        shape, color, size, position = (values.get(k) for k in _OBJECT_KINDS)
-        noun = shape or "object"
-        words = " ".join(w for w in (size, color) if w)
-        if values:
-            thing = f"{words} {noun}".strip() if (shape or not color or size) else color
-            if position:
-                thing = f"{thing} at the {position}"
-            text = thing if background is None else f"{thing} on a {background} background"
-        else:
-            text = f"{background} background"
-        return text + {"all": "", "early": ", early steps only", "late": ", late steps only"}[self.scope]
-
-    def masks(self, scenes: Sequence[Scene]) -> np.ndarray:
-        """Tokens showing the concept (whatever the steps): bool [n_scenes, 64]."""
-        return np.stack([self._mask(s) for s in scenes])
-
-    def _mask(self, scene: Scene) -> np.ndarray:
-        wanted = dict(p.split(":", 1) for p in self.parts if p != "object")
-        background = wanted.pop("background", None)
-        if background is not None and background != scene.background:
-            return np.zeros(truth.N_TOKENS, dtype=bool)
-        if not wanted and "object" not in self.parts:
-            return token_masks(scene)[f"background:{background}"].reshape(-1)
-        mask = np.zeros(truth.N_TOKENS, dtype=bool)
-        for obj in scene.objects:
-            if all(getattr(obj, kind) == value for kind, value in wanted.items()):
-                mask |= _object_tokens(obj, scene.background)
-        return mask
-
-
-def _object_tokens(obj, background: str) -> np.ndarray:
-    return token_masks(Scene(objects=(obj,), background=background))["object"].reshape(-1)
-
-
-def candidate_concepts() -> list[Concept]:
-    """Every candidate label of the oracle: single attributes in all three scopes, then pairs."""
-    singles = ["object", *(c for c in truth.CONCEPTS if c != "object")]
-    out = [Concept((c,), scope) for c in singles for scope in SCOPES]
-    groups = {
-        "shape": [f"shape:{s}" for s in SHAPES], "color": [f"color:{c}" for c in COLORS],
-        "size": [f"size:{s}" for s in SIZES], "background": [f"background:{b}" for b in BACKGROUNDS],
-    }  # fmt: skip
-    for a, b in (("size", "shape"), ("color", "shape"), ("size", "color"), ("color", "background"),
-                 ("shape", "background")):  # fmt: skip
-        out.extend(Concept((x, y)) for x, y in itertools.product(groups[a], groups[b]))
-    assert len(POSITIONS) == 9  # positions enter as singles only: pairs with them are too rare to rank
-    return out
-
-
-def scope_labels(concepts: Sequence[Concept], scenes: Sequence[Scene]) -> torch.Tensor:
-    """Labels of the (half, scene, token) samples: bool [2 * n_scenes * 64, C], early half first."""
-    masks = np.stack([c.masks(scenes).reshape(-1) for c in concepts], axis=1)  # [n * 64, C]
-    scope = np.array([c.scope for c in concepts])
-    early = masks & (scope != "late")
-    late = masks & (scope != "early")
-    return torch.from_numpy(np.concatenate([early, late], axis=0))
+__all__ = ["SCOPES", "SINGLE_CONCEPTS", "Concept", "ShapesOracle", "candidate_concepts", "concept_coverage"]
 
 
 class ShapesOracle:
-    """The ground truth as explainer (best-detected concept) and judge (paint on the concept's tokens).
+    """The ground truth as explainer (the concept a unit detects) and judge (paint on the concept's tokens).
 
-        oracle = ShapesOracle.fit(half_acts, scenes)       # half_acts [2, n_scenes, 64, U]
-        oracle.explain(unit)                                # Explanation(label="yellow square", ...)
-        oracle.judge(example, explanation)                  # Judgement(score=0.93, ...)
+        oracle = ShapesOracle.fit(half_acts, drawn_scenes, noise=noise)   # half_acts [2, n_scenes, 64, U]
+        oracle.explain(unit)        # Explanation(label="yellow square", concept="color:yellow+shape:square")
+        oracle.label_of(3)          # UnitLabel: precision, recall, F1 on held-out scenes, threshold ...
+        oracle.judge(example, explanation)                               # Judgement(score=0.93, ...)
     """
 
-    name = "shapes-oracle"
+    name = "shapes-oracle-detection"
+    """Not the earlier AUROC oracle's "shapes-oracle": a label cache of that one is refused, not mixed in."""
 
-    def __init__(self, aurocs: torch.Tensor, concepts: Sequence[Concept], margin: float = 0.01):
-        self.aurocs = torch.as_tensor(aurocs, dtype=torch.float64)
-        """[U, C] AUROC of every unit for every candidate concept."""
-        self.concepts = list(concepts)
-        self.margin = float(margin)
-        self._by_text = {c.text: c for c in self.concepts}
-        self._by_key = {c.key: c for c in self.concepts}
-        if self.aurocs.ndim != 2 or self.aurocs.shape[1] != len(self.concepts):
-            raise ValueError(
-                f"aurocs must be [units, {len(self.concepts)} concepts], got {tuple(self.aurocs.shape)}"
-            )
+    def __init__(self, detector: Detector, aurocs: dict[int, float | None]):
+        self.detector = detector
+        self.aurocs = aurocs
+        """unit -> AUROC for its label's concept on the held-out scenes (None without a region label)."""
 
     @classmethod
     def fit(
-        cls, half_acts: torch.Tensor, scenes: Sequence[Scene], concepts: Sequence[Concept] | None = None,
-        margin: float = 0.01,
+        cls, half_acts: torch.Tensor, scenes: Sequence[Scene], *, noise: torch.Tensor | None = None,
+        concepts: Sequence[Concept] | None = None,
     ) -> ShapesOracle:  # fmt: skip
-        """AUROC of every unit for every candidate concept.
+        """Detection figures of every unit for every candidate concept, and the labels they give.
 
         half_acts: [2, n_scenes, 64, U] each unit's activation averaged over the early and over the late
-        half of the denoising steps, for the image tokens of `scenes` (in order).
+        half of the denoising steps, for the image tokens of `scenes` (in order). noise: the starting
+        noise [n_scenes, 64, channels] (`examples.capture_noise`), for the seed-noise explanation.
         """
-        half_acts = torch.as_tensor(half_acts)
-        n = len(scenes)
-        if half_acts.ndim != 4 or tuple(half_acts.shape[:3]) != (2, n, truth.N_TOKENS):
-            raise ValueError(
-                f"half_acts must be [2 step halves, n_scenes={n}, {truth.N_TOKENS} tokens, units], got "
-                f"{tuple(half_acts.shape)}"
-            )
-        concepts = list(candidate_concepts() if concepts is None else concepts)
-        scores = half_acts.reshape(2 * n * truth.N_TOKENS, -1).float()
-        return cls(truth.auroc(scores, scope_labels(concepts, scenes)), concepts, margin)
+        detector = Detector(half_acts, scenes, noise=noise, concepts=concepts)
+        held_out = np.nonzero(detector.split[1])[0]
+        labels = [detector.label(u) for u in range(detector.n_units)]
+        regions = [lab.concept for lab in labels if lab.concept and not lab.concept.startswith(NOISE_KEY)]
+        keys = sorted(set(regions))
+        aurocs: dict[int, float | None] = {u: None for u in range(detector.n_units)}
+        if keys:
+            kept = [scenes[i] for i in held_out]
+            concepts = [Concept.from_key(k) for k in keys]
+            halves = [np.concatenate([_scoped_masks(c, kept, h) for c in concepts], axis=1) for h in (0, 1)]
+            targets = torch.from_numpy(np.concatenate(halves))  # [2 halves * n * 64, keys]
+            scores = torch.as_tensor(half_acts)[:, torch.from_numpy(held_out)].float()
+            table = truth.auroc(scores.reshape(-1, scores.shape[-1]), targets)  # [U, keys]
+            column = {k: i for i, k in enumerate(keys)}
+            for lab in labels:
+                if lab.concept in column:
+                    value = float(table[lab.unit, column[lab.concept]])
+                    aurocs[lab.unit] = None if np.isnan(value) else value
+        return cls(detector, aurocs)
 
-    def concept_of(self, unit: int) -> tuple[Concept, float]:
-        """The label concept of a unit and its AUROC."""
-        row = torch.nan_to_num(self.aurocs[unit], nan=-1.0)
-        penalty = torch.tensor([c.complexity for c in self.concepts], dtype=torch.float64) * self.margin
-        best = int((row - penalty).argmax())
-        return self.concepts[best], float(row[best])
+    def label_of(self, unit: int) -> UnitLabel:
+        return self.detector.label(unit)
 
-    def auroc_of(self, unit: int, label: str | None) -> float | None:
-        """The unit's AUROC for a label given as text or key (None for a label that is no concept)."""
-        concept = self._by_key.get(label) or self._by_text.get(label) if label else None
-        if concept is None:
-            return None
-        value = float(self.aurocs[unit, self.concepts.index(concept)])
-        return None if np.isnan(value) else value
+    def auroc_of(self, unit: int, label: str | None = None) -> float | None:
+        """The unit's held-out AUROC for its label's concept (None for a noise label or no label)."""
+        return self.aurocs.get(int(unit))
 
     def explain(self, unit: UnitExamples) -> Explanation:
-        concept, value = self.concept_of(unit.feature)
-        top = torch.nan_to_num(self.aurocs[unit.feature], nan=-1.0).topk(3)
-        pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
-        raw = "; ".join(f"{self.concepts[i].key}={v:.3f}" for v, i in pairs)
-        return Explanation(concept.text, "ok", raw, concept=concept.key)
+        lab = self.detector.label(unit.feature)
+        if lab.status == "no_examples":
+            return Explanation(None, "no_examples")
+        figures = lab.held_out
+        raw = (
+            f"held out: precision {figures.precision:.3f}, recall {figures.recall:.3f}, F1 {figures.f1:.3f} "
+            f"(fires above {lab.threshold:g} of its peak)"
+        )
+        if lab.status == "unexplained":
+            return Explanation(None, "unexplained", f"closest: {lab.best_guess!r}; {raw}")
+        return Explanation(lab.text, "ok", raw, concept=lab.concept)
 
     def judge(self, example: Example, explanation: Explanation) -> Judgement:
-        concept = self._by_key.get(explanation.concept or "") or self._by_text.get(explanation.label or "")
-        if concept is None:
+        key = explanation.concept or ""
+        if key.startswith(NOISE_KEY):
+            return Judgement(None, "no_examples", "a seed-noise label names no region of the image to judge")
+        try:
+            concept = Concept.from_key(key)
+        except ValueError:
             why = f"the Shapes oracle judges only its own concepts, not {explanation.label!r}"
             return Judgement(None, "malformed", why)
         if example.scene is None:
@@ -218,6 +130,14 @@ class ShapesOracle:
         mask = concept.masks([example.scene])[0]
         total = paint.sum()
         return Judgement(float(paint[mask].sum() / total) if total > 0 else 0.0, "ok")
+
+
+def _scoped_masks(concept: Concept, scenes: Sequence[Scene], half: int) -> np.ndarray:
+    """[n * 64, 1] bool: the concept's tokens in step half `half` (none in the other half of a scoped one)."""
+    mask = concept.masks(scenes).reshape(-1, 1)
+    if concept.scope == ("late" if half == 0 else "early"):
+        mask = np.zeros_like(mask)
+    return mask
 
 
 def concept_coverage(
