@@ -89,6 +89,8 @@ class UnitExamples:
     """The unit's index within its site and method."""
     examples: tuple[Example, ...]
     """Its top images, best first (may be empty for a unit that never fires)."""
+    trials: tuple = ()
+    """Held-out `fluxsae.autointerp.scoring.Trial`s for a detection scorer (none: not scored)."""
 
 
 class Explainer(Protocol):

@@ -1,6 +1,7 @@
 """Label many units with one explainer and one judge, caching every result so a killed run continues.
 
     records = label_units(units, explainer, judge, cache="work/sae/labels.jsonl", max_workers=8)
+    records = label_units(units, explainer, judge, cache, detector=ChatDetector(backend))  # + detection
 
 Per unit (the reference work's protocol): the explainer sees the unit's top `n_positives` images;
 the judge scores, one image at a time, those images (positives) and the top image of
@@ -8,10 +9,14 @@ the judge scores, one image at a time, those images (positives) and the top imag
 (negatives); the score is the mean of s over positives and 1 - s over negatives
 (`reference_score`). A unit whose explanation failed gets no score; its status says why. A unit
 with fewer than `n_positives` qualifying top images keeps its label but is not judged (score None).
+With a `detector` (`fluxsae.autointerp.scoring.ChatDetector`), every labelled unit with held-out
+trials (`UnitExamples.trials`) also gets detection and fuzzing scores.
 
 The cache is a JSON-lines file, one complete record per line, appended and fsynced as each unit
 finishes: a kill loses at most the units in flight, and a torn last line is ignored on resume. A
-cache written by another explainer or judge is refused, since mixing them would mix two runs.
+cache written by another explainer, judge or detector is refused, since mixing them would mix two runs;
+records of the same run that lack the detection scores now asked for keep their label and score and
+get only those.
 """
 
 from __future__ import annotations
@@ -113,36 +118,58 @@ def label_unit(
     return record
 
 
+def add_detection(record: dict, unit: UnitExamples, detector) -> dict:
+    """The record with the detector's scores of the unit's held-out trials (a labelled unit with trials)."""
+    if detector is None or record.get("status") != "ok" or not unit.trials:
+        return record
+    scores = detector.score(unit.trials, record["label"])
+    return {**record, **scores, "requests": record["requests"] + scores["requests"]}
+
+
 def label_units(
     units: Sequence[UnitExamples], explainer: Explainer, judge: Judge, cache: str | os.PathLike, *,
     n_positives: int = 5, n_negatives: int = 5, max_workers: int = 1, seed: int = 0,
-    progress: Callable[[dict], None] | None = None,
+    progress: Callable[[dict], None] | None = None, detector=None,
 ) -> list[dict]:  # fmt: skip
     """Records for every unit of `units` (in their order), from the cache where present (see the module
     docstring). `max_workers` units are labelled at once (threads; an HTTP backend also caps its own
     requests in flight); `progress` is called with each new record."""
     cache = Path(cache)
     done = read_cache(cache)
+    detector_name = None if detector is None else detector.name
     for record in done.values():
-        if (record.get("explainer"), record.get("judge")) != (explainer.name, judge.name):
+        if (record.get("explainer"), record.get("judge")) != (explainer.name, judge.name) or (
+            record.get("detector") not in (None, detector_name)
+        ):
             raise ValueError(
-                f"{cache} holds labels by explainer {record.get('explainer')!r} and judge "
-                f"{record.get('judge')!r}, not {explainer.name!r} / {judge.name!r}: resuming would mix two "
-                "runs. Use another work folder, or delete the file to start over."
+                f"{cache} holds labels by explainer {record.get('explainer')!r}, judge "
+                f"{record.get('judge')!r} and detector {record.get('detector')!r}, not {explainer.name!r} / "
+                f"{judge.name!r} / {detector_name!r}: resuming would mix two runs. Use another work folder, "
+                "or delete the file to start over."
             )
     by_feature = {(u.site, u.method, u.feature): u for u in units}
     pool: dict[tuple[str, str], list[int]] = {}
     for u in units:
         if u.examples:
             pool.setdefault((u.site, u.method), []).append(u.feature)
-    todo = [u for u in units if unit_key(u.site, u.method, u.feature) not in done]
+    def complete(u: UnitExamples) -> bool:
+        record = done.get(unit_key(u.site, u.method, u.feature))
+        if record is None:
+            return False
+        wants = detector is not None and record.get("status") == "ok" and bool(u.trials)
+        return not wants or record.get("detector") == detector_name
+
+    todo = [u for u in units if not complete(u)]
     logger.info("%d units to label, %d already in %s", len(todo), len(units) - len(todo), cache)
     appender = _Appender(cache)
 
     def work(unit: UnitExamples) -> dict:
-        chosen = negatives_for(unit.feature, pool.get((unit.site, unit.method), []), n_negatives, seed)
-        record = label_unit(unit, explainer, judge, [by_feature[(unit.site, unit.method, f)] for f in chosen],
-                            n_positives)  # fmt: skip
+        record = done.get(unit_key(unit.site, unit.method, unit.feature))
+        if record is None:  # else labelled already, without the detection scores now asked for
+            chosen = negatives_for(unit.feature, pool.get((unit.site, unit.method), []), n_negatives, seed)
+            others = [by_feature[(unit.site, unit.method, f)] for f in chosen]
+            record = label_unit(unit, explainer, judge, others, n_positives)
+        record = add_detection(record, unit, detector)
         appender.write(record)
         if progress is not None:
             progress(record)
