@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fluxsae.autointerp import ChatExplainer, ChatJudge, HttpChat, label_units
 from fluxsae.autointerp import examples as ex
 from fluxsae.autointerp.loopback import LoopbackChat, Reply, answer
 from fluxsae.autointerp.oracle import SINGLE_CONCEPTS, ShapesOracle, concept_coverage
-from training.autointerp import SEED, SITES, dataset_row, scene_of, summarise, unit_examples
+from fluxsae.autointerp.scoring import ChatDetector
+from training.autointerp import SEED, SITES, load_work, unit_examples
+from training.autointerp_dataset import dataset_row, summarise
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("sae", "itda", "mlp", "random")
@@ -46,16 +47,18 @@ def http_requests_per_unit(units, n_units: int = 20, rate_limit_every: int = 20)
         if n % rate_limit_every == 0:
             return Reply(429, "rate limited", {"Retry-After": "0"})
         text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
+        if "ANSWER:" in text:
+            return answer("ANSWER: YES")
         return answer("PATTERN: red object" if "PATTERN" in text else "SCORE: 0.5")
 
     with tempfile.TemporaryDirectory() as tmp, LoopbackChat(script) as server:
         chat = HttpChat(url=server.url, model="loopback", backoff=0.001, max_concurrency=4)
         start = time.perf_counter()
         records = label_units(units[:n_units], ChatExplainer(chat), ChatJudge(chat), Path(tmp) / "c.jsonl",
-                              max_workers=4)  # fmt: skip
+                              max_workers=4, detector=ChatDetector(chat))  # fmt: skip
         seconds = time.perf_counter() - start
     return {"units": len(records), "requests_per_unit": float(np.mean([r["requests"] for r in records])),
-            "protocol_requests_per_unit": 1 + 5 + 5, "rate_limited_share": 1 / rate_limit_every,
+            "protocol_requests_per_unit": 1 + 5 + 5 + 4 * 4, "rate_limited_share": 1 / rate_limit_every,
             "seconds_loopback": round(seconds, 2)}  # fmt: skip
 
 
@@ -116,10 +119,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the oracle is numpy/torch on small arrays: one thread is the honest CPU figure
     work, out = Path(args.work), Path(args.out)
-    lines = json.loads((work / "images.json").read_text())
-    images = {r["image_id"]: Image.open(work / "images" / f"{r['image_id']:06d}.png").convert("RGB")
-              for r in lines}  # fmt: skip
-    scenes = {r["image_id"]: scene_of(r["scene"]) for r in lines}
+    lines, images, scenes, noise = load_work(work)  # scenes placed as their images show them
     results, http = {}, None
     for site in SITES:
         for method in METHODS:
@@ -129,10 +129,11 @@ def main(argv=None) -> dict:
             summary = ex.UnitSummary.load(folder)
             ordered = [scenes[int(i)] for i in summary.image_ids]
             start = time.perf_counter()
-            oracle = ShapesOracle.fit(summary.half_acts, ordered)
+            kept = noise[summary.image_ids] if noise is not None else None
+            oracle = ShapesOracle.fit(summary.half_acts, ordered, noise=kept)
             fit_seconds = time.perf_counter() - start
             coverage = concept_coverage(summary.half_acts.float().mean(0), ordered)
-            units = unit_examples(summary, images, scenes, (8, 8), 10)
+            units = unit_examples(summary, images, scenes, (8, 8), 10, trials=4 if method == "sae" else 0)
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 records = label_units(units, oracle, oracle, Path(tmp) / "labels.jsonl", seed=SEED)

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,20 @@ from fluxsae.autointerp.base import ChatExplainer, ChatJudge, Example, UnitExamp
 from fluxsae.autointerp.oracle import ShapesOracle, concept_coverage
 from fluxsae.autointerp.render import paint, strip
 from fluxsae.autointerp.run import label_units
-from fluxsae.fileio import write_json
+from fluxsae.autointerp.scoring import ChatDetector, detection_trials
+from fluxsae.fileio import load_tensors, save_tensors, write_json
 from fluxsae.labels import write_labels
+from fluxsae.shapes import as_drawn
 from fluxsae.shapes.world import Object, Scene
+from training import autointerp_dataset as data
 from training.cli import add_config_arguments, config_from_args
 from training.work import claim
 
+logger = logging.getLogger(__name__)
+
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
+NOISE_FILE = "noise.safetensors"
+"""The work folder's starting noise of every image [images, tokens, channels] (seed-noise labels)."""
 SEED = 13_000_001
 """Scene and noise seed of the packaged labels: no training, harvest or benchmark draws from it."""
 Backend = Literal["oracle", "http", "vlm"]
@@ -96,6 +104,9 @@ class AutointerpConfig:
     """Label only the first N units of each site and method (quick runs); none: all."""
     max_workers: int = 1
     """Units labelled at once (threads); for HTTP also the cap on requests in flight."""
+    detection: int = 4
+    """With a chat judge (http, vlm): held-out images per class for each unit's detection and fuzzing
+    scores (`fluxsae.autointerp.scoring`), 4 x this many more requests per unit; 0: none."""
     strips: bool = False
     """Also write the 'examples' config: each unit's top images painted, one strip per unit (large)."""
 
@@ -155,7 +166,7 @@ def streaming_pass(cfg: AutointerpConfig, work: Path, todo: list[tuple[str, str]
         jobs.append([site, method, fn, fp, None])
     scenes = shapes.sample_scenes(cfg.scenes, seed=cfg.seed)
     (work / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, noise = [], []
     for start in tqdm(range(0, len(scenes), cfg.batch_size), desc="generate + accumulate", unit="batch"):
         chunk = scenes[start : start + cfg.batch_size]
         ids = list(range(start, start + len(chunk)))
@@ -165,7 +176,9 @@ def streaming_pass(cfg: AutointerpConfig, work: Path, todo: list[tuple[str, str]
             acts = stack.enter_context(fluxsae.capture(pipe, sites)) if sites else {}
             mlp_sites = sorted({s for s, m in todo if m == "mlp"})
             mlp = stack.enter_context(ex.capture_mlp(pipe, mlp_sites, rows * cols))
+            starts = stack.enter_context(ex.capture_noise(pipe))
             images = pipe([shapes.caption(s) for s in chunk], generator=generators, **gen).images
+        noise.append(torch.cat(starts))
         hidden = {s: ex.stack_steps(calls, len(steps)) for s, calls in mlp.items()}
         for job in jobs:
             site, method, fn, fp, acc = job
@@ -183,6 +196,7 @@ def streaming_pass(cfg: AutointerpConfig, work: Path, todo: list[tuple[str, str]
         folder = work / method / site
         folder.mkdir(parents=True, exist_ok=True)
         acc.result(meta).save(folder)
+    save_tensors(work / NOISE_FILE, {"noise": torch.cat(noise)}, {"scene_seed": cfg.seed})
     write_json(work / "images.json", lines)
 
 
@@ -210,12 +224,24 @@ def make_backends(cfg: AutointerpConfig, oracle: ShapesOracle | None):
     judge_backend = explainer_backend if judge_kind == cfg.explainer else one(judge_kind)
     explainer = explainer_backend if cfg.explainer == "oracle" else ChatExplainer(explainer_backend)
     judge = judge_backend if judge_kind == "oracle" else ChatJudge(judge_backend)
-    return explainer, judge
+    detector = ChatDetector(judge_backend) if judge_kind != "oracle" and cfg.detection > 0 else None
+    return explainer, judge, detector
 
 
-def unit_examples(summary: ex.UnitSummary, images: dict, scenes: dict, grid: tuple[int, int], n: int):
-    """UnitExamples of every unit: its top images (at most n), painted on one scale per unit."""
+def unit_examples(summary: ex.UnitSummary, images: dict, scenes: dict, grid: tuple[int, int], n: int,
+                  trials: int = 0, n_positives: int = 5, seed: int = 0):  # fmt: skip
+    """UnitExamples of every unit: its top images (at most n), painted on one scale per unit; with
+    `trials`, that many held-out images per class for a detection scorer (`scoring.detection_trials`):
+    images beyond its first `n_positives`, near misses from the top images of the 3 units whose peak per
+    image correlates most with its own."""
     out = []
+    maps = peaks = similar = None
+    if trials:
+        maps = summary.half_acts.float().mean(0)  # [images, tokens, U]
+        peaks = maps.amax(1)  # [images, U]
+        centred = torch.nn.functional.normalize(peaks - peaks.mean(0), dim=0)
+        similar = (centred.T @ centred).fill_diagonal_(-2).topk(3, dim=1).indices  # [U, 3]
+        row = {int(i): k for k, i in enumerate(summary.image_ids.tolist())}  # image id -> row of maps
     for u in range(summary.n_units):
         ids = [int(i) for i in summary.top_ids[u] if i >= 0][:n]
         vmax = float(summary.top_scores[u, 0]) if ids else 0.0
@@ -223,69 +249,15 @@ def unit_examples(summary: ex.UnitSummary, images: dict, scenes: dict, grid: tup
             Example(images[i], summary.top_maps[u, j].numpy().reshape(grid), vmax, i, scenes.get(i))
             for j, i in enumerate(ids)
         )
-        out.append(UnitExamples(summary.site, summary.method, u, examples))
+        held_out = ()
+        if trials and ids:
+            near = [int(i) for v in similar[u].tolist() for i in summary.top_ids[v] if i >= 0]
+            fires = dict(zip(row, (peaks[list(row.values()), u] > 0).tolist(), strict=True))
+            map_of = lambda i, u=u: maps[row[i], :, u].numpy().reshape(grid)  # noqa: E731
+            held_out = detection_trials(u, fires, map_of, images, scenes, ids[:n_positives], near, n=trials,
+                                        seed=seed)  # fmt: skip
+        out.append(UnitExamples(summary.site, summary.method, u, examples, held_out))
     return out
-
-
-def dataset_row(record: dict, summary: ex.UnitSummary, oracle: ShapesOracle | None, n: int) -> dict:
-    u = record["feature"]
-    ids = [int(i) for i in summary.top_ids[u] if i >= 0][:n]
-    scale = float(summary.top_scores[u, 0]) if ids else 0.0
-    maps = summary.top_maps[u, : len(ids)].clamp(min=0) / scale if scale > 0 else summary.top_maps[u, :0]
-    stats = summary.stats
-    auroc = oracle.auroc_of(u, record.get("concept") or record.get("label")) if oracle is not None else None
-    return {
-        **record, "auroc": auroc, "density": float(stats.density[u]),
-        "max_activation": float(stats.max_activation[u]), "mean_activation": float(stats.mean_when_active[u]),
-        "timestep_profile": stats.timestep_profile[:, u].tolist(), "example_images": ids,
-        "example_activations": summary.top_scores[u, : len(ids)].tolist(),
-        "example_maps": (maps * 255).round().clamp(0, 255).to(torch.uint8).tolist(), "example_scale": scale,
-    }  # fmt: skip
-
-
-def summarise(rows: list[dict], coverage: dict | None, seconds: float) -> dict:
-    scores = np.array([r["score"] for r in rows if r["score"] is not None], dtype=float)
-    aurocs = np.array([r["auroc"] for r in rows if r["auroc"] is not None], dtype=float)
-    out = {
-        "units": len(rows), "scored": int(scores.size),
-        "median_score": float(np.median(scores)) if scores.size else None,
-        "share_score_ge_0.8": float((scores >= 0.8).mean()) if scores.size else None,
-        "median_label_auroc": float(np.median(aurocs)) if aurocs.size else None,
-        "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
-        "requests_per_unit": float(np.mean([r["requests"] for r in rows])) if rows else 0.0,
-        "label_seconds": round(seconds, 2),
-        "units_per_minute": round(len(rows) / seconds * 60, 1) if seconds > 0 else None,
-    }  # fmt: skip
-    if coverage is not None:
-        out["coverage"] = coverage["coverage"]
-        out["median_best_auroc"] = coverage["median_best_auroc"]
-        out["best"] = {c: [u, round(a, 4)] for c, (u, a) in coverage["best"].items()}
-    return out
-
-
-def card_body(summaries: dict, cfg: AutointerpConfig) -> str:
-    judge = cfg.judge or cfg.explainer
-    lines = [
-        "# fluxsae feature labels", "",
-        f"Dictionaries: `{cfg.source}`; {cfg.scenes} fresh Shapes scenes (seed {cfg.seed}), all steps; "
-        f"explainer `{cfg.explainer}`, judge `{judge}`. Made by `python -m training.autointerp` "
-        "(the packaged Shapes labels: `python -m training.shapes_labels`).", "",
-        "One row per unit (SAE feature, ITDA atom, MLP neuron): its label, the reference score (5 top images "
-        "+ 5 top images of other units, judged one by one, mean of s / 1 - s), its AUROC for the label's "
-        "concept where the truth is known, its statistics and references to its top images.", "",
-        "| site | method | units | median score | score >= 0.8 | median label AUROC "
-        "| coverage (AUROC >= 0.9) | median best AUROC |", "|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-
-    def f(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    for key, s in summaries.items():
-        method, site = key.split("/", 1)
-        cells = [site, method, str(s["units"]), f(s["median_score"]), f(s["share_score_ge_0.8"]),
-                 f(s["median_label_auroc"]), f(s.get("coverage")), f(s.get("median_best_auroc"))]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _check_fingerprint(cfg: AutointerpConfig, summary: ex.UnitSummary, work: Path) -> None:
@@ -304,6 +276,58 @@ def _check_fingerprint(cfg: AutointerpConfig, summary: ex.UnitSummary, work: Pat
         )
 
 
+def load_work(work: Path) -> tuple[list[dict], dict, dict, torch.Tensor | None]:
+    """(images.json lines, image_id -> PIL image, image_id -> scene as drawn, starting noise or None).
+
+    A scene is placed where its image shows its objects (`fluxsae.shapes.as_drawn`); without its image
+    (a harvest keeps only the top examples' images) it keeps the sampled placement."""
+    lines = json.loads((work / "images.json").read_text())
+    images = {r["image_id"]: Image.open(work / "images" / f"{r['image_id']:06d}.png").convert("RGB")
+              for r in lines if r.get("has_image", True)}  # fmt: skip
+    scenes = {}
+    for r in lines:
+        if r.get("scene"):
+            scene = scene_of(r["scene"])
+            image = images.get(r["image_id"])
+            scenes[r["image_id"]] = as_drawn(scene, image)[0] if image is not None else scene
+    noise = load_tensors(work / NOISE_FILE)[0]["noise"] if (work / NOISE_FILE).is_file() else None
+    return lines, images, scenes, noise
+
+
+def label_site(cfg: AutointerpConfig, work: Path, site: str, method: str, images, scenes, noise):
+    """Label every unit of one site and method -> (dataset rows, detection rows, summary, UnitExamples)."""
+    summary = ex.UnitSummary.load(work / method / site)
+    _check_fingerprint(cfg, summary, work)
+    ids = [int(i) for i in summary.image_ids]
+    ordered = [scenes[i] for i in ids] if all(i in scenes for i in ids) else None
+    oracle = coverage = None
+    if ordered is not None:
+        kept = noise[torch.tensor(ids)] if noise is not None and len(noise) > max(ids) else None
+        if kept is None:
+            logger.warning("no starting noise in %s: the seed-noise explanation is left out", work)
+        oracle = ShapesOracle.fit(summary.half_acts, ordered, noise=kept)
+        coverage = concept_coverage(summary.half_acts.float().mean(0), ordered)
+    explainer, judge, detector = make_backends(cfg, oracle)
+    grid = (int(np.sqrt(summary.top_maps.shape[2])),) * 2
+    units = unit_examples(summary, images, scenes, grid, cfg.top_k, cfg.detection if detector else 0,
+                          cfg.n_positives, cfg.seed)[: cfg.max_units]  # fmt: skip
+    start = time.perf_counter()
+    with tqdm(total=len(units), desc=f"label {method} {site}", unit="unit") as bar:
+        records = label_units(units, explainer, judge, work / method / site / "labels.jsonl",
+                              n_positives=cfg.n_positives, n_negatives=cfg.n_negatives,
+                              max_workers=cfg.max_workers, seed=cfg.seed, progress=lambda r: bar.update(),
+                              detector=detector)  # fmt: skip
+    seconds = time.perf_counter() - start
+    rows = [data.dataset_row(r, summary, oracle, cfg.n_positives) for r in records]
+    groups = None
+    if method == "sae":
+        import fluxsae
+
+        groups = data.groups_of(summary.n_units, fluxsae.load_sae(cfg.source, site=site).cfg.matryoshka)
+    detections = data.detection_rows(summary, oracle) if oracle is not None else []
+    return rows, detections, data.summarise(rows, coverage, seconds, groups), units
+
+
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     work = Path(cfg.work)
@@ -319,35 +343,16 @@ def main(argv=None) -> dict:
             harvest_pass(cfg, work, todo)
         else:
             streaming_pass(cfg, work, todo)
-    lines = json.loads((work / "images.json").read_text())
-    images = {r["image_id"]: Image.open(work / "images" / f"{r['image_id']:06d}.png").convert("RGB")
-              for r in lines if r.get("has_image", True)}  # fmt: skip
-    scenes = {r["image_id"]: scene_of(r["scene"]) for r in lines if r.get("scene")}
-    rows_all, strips, summaries = [], [], {}
+    lines, images, scenes, noise = load_work(work)
+    rows_all, detections, strips, summaries = [], [], [], {}
     for site in cfg.sites:
         for method in cfg.methods:
-            summary = ex.UnitSummary.load(work / method / site)
-            _check_fingerprint(cfg, summary, work)
-            ordered = [scenes[int(i)] for i in summary.image_ids] if len(scenes) == len(lines) else None
-            oracle = coverage = None
-            if ordered is not None:
-                oracle = ShapesOracle.fit(summary.half_acts, ordered)
-                coverage = concept_coverage(summary.half_acts.float().mean(0), ordered)
-            explainer, judge = make_backends(cfg, oracle)
-            grid = (int(np.sqrt(summary.top_maps.shape[2])),) * 2
-            units = unit_examples(summary, images, scenes, grid, cfg.top_k)[: cfg.max_units]
-            start = time.perf_counter()
-            with tqdm(total=len(units), desc=f"label {method} {site}", unit="unit") as bar:
-                records = label_units(units, explainer, judge, work / method / site / "labels.jsonl",
-                                      n_positives=cfg.n_positives, n_negatives=cfg.n_negatives,
-                                      max_workers=cfg.max_workers, seed=cfg.seed,
-                                      progress=lambda r: bar.update())  # fmt: skip
-            seconds = time.perf_counter() - start
-            rows = [dataset_row(r, summary, oracle, cfg.n_positives) for r in records]
+            rows, found, summaries[f"{method}/{site}"], units = label_site(cfg, work, site, method, images,
+                                                                           scenes, noise)  # fmt: skip
             rows_all += rows
-            summaries[f"{method}/{site}"] = summarise(rows, coverage, seconds)
+            detections += found
             if cfg.strips:
-                for unit, row in zip(units, rows, strict=True):
+                for unit, row in zip(units, rows, strict=False):
                     if unit.examples:
                         shown = unit.examples[: cfg.n_positives]
                         painted = [paint(e.image, e.acts, e.vmax, size=128) for e in shown]
@@ -356,10 +361,11 @@ def main(argv=None) -> dict:
     image_rows = [{"image_id": r["image_id"], "prompt": r["prompt"], "seed": r["seed"],
                    "scene": json.dumps(r["scene"]) if r.get("scene") else None,
                    "image": images[r["image_id"]]} for r in lines if r["image_id"] in images]  # fmt: skip
-    write_labels(cfg.out, rows_all, image_rows, examples=strips or None, body=card_body(summaries, cfg),
-                 base_model=None if cfg.source == "shapes" else cfg.source)
+    write_labels(cfg.out, rows_all, image_rows, examples=strips or None, detections=detections or None,
+                 body=data.card_body(summaries, cfg),
+                 base_model=None if cfg.source == "shapes" else cfg.source)  # fmt: skip
     write_json(work / "summary.json", summaries)
-    brief = {k: {kk: vv for kk, vv in v.items() if kk != "best"} for k, v in summaries.items()}
+    brief = {k: {f: v for f, v in s.items() if f not in ("best", "groups")} for k, s in summaries.items()}
     print(json.dumps(brief, indent=1))
     return summaries
 

@@ -1,10 +1,10 @@
 """Make the packaged Shapes labels from scratch: the Shapes oracle labels every SAE feature, ITDA atom
 and MLP neuron of the packaged Shapes dictionaries at both packaged sites.
 
-    python -m training.shapes_labels                       # -> fluxsae/shapes/labels/ (~10 min CPU)
-    python -m training.shapes_labels --work runs/shapes_labels --scenes 200
+    python -m training.shapes_labels                       # -> fluxsae/shapes/labels/ (~15 min CPU)
+    python -m training.shapes_labels --work runs/shapes_labels --scenes 400
 
-It is `python -m training.autointerp` with the packaged settings: 200 fresh scenes (seed
+It is `python -m training.autointerp` with the packaged settings: 400 fresh scenes (seed
 training.autointerp.SEED), methods sae, itda and mlp, the oracle as explainer and judge, and no
 painted strips (the app paints examples from `example_maps` and the `images` config; keeping the
 package small). Its pass also accumulates 2,048 random directions per site, unlabelled, so that
@@ -26,7 +26,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/shapes_labels", help="work folder (resume from it)")
     p.add_argument("--out", default=str(shapes_labels_dir()), help="where to write the dataset")
-    p.add_argument("--scenes", type=int, default=200, help="Shapes scenes to generate")
+    p.add_argument("--scenes", type=int, default=400,
+                   help="Shapes scenes to generate: labels are chosen on half and measured on the other half")
     args = p.parse_args(argv)
     start = time.perf_counter()
     summaries = autointerp.main([
