@@ -264,6 +264,17 @@ def _region_tokens(region, pipe, height, width) -> tuple[torch.Tensor, int]:
     return tokens.nonzero().flatten(), rows * cols
 
 
+def region_mask(
+    region, pipe, height: int | None = None, width: int | None = None
+) -> tuple[torch.Tensor, int, int]:
+    """An image region as `steer` takes it -> (bool [rows * cols] token mask, rows, cols)."""
+    tokens, n_tokens = _region_tokens(region, pipe, height, width)
+    rows, cols, _ = _token_grid(pipe, height, width)
+    mask = torch.zeros(n_tokens, dtype=torch.bool)
+    mask[tokens] = True
+    return mask, rows, cols
+
+
 def _text_tokens(region) -> tuple[torch.Tensor, int]:
     """A text-site region: a bool (or 0/1) mask over the text tokens -> (long indices, text token count)."""
     mask = _bool_mask(region)
