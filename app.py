@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 # Before gradio is imported: no analytics or version pings (the app must work offline).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -28,21 +29,22 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import app_panels as panels  # noqa: E402
 import app_views as views  # noqa: E402
 import fluxsae  # noqa: E402
 from app_actions import make_actions  # noqa: E402
+from app_words import make_word_actions  # noqa: E402
 from fluxsae import shapes  # noqa: E402
-from fluxsae.heatmap import activation_norms, overlay, token_grid, token_map  # noqa: E402
+from fluxsae.heatmap import activation_norms, feature_overlay, token_grid, token_map  # noqa: E402
 from fluxsae.pipelines import SHAPES, TINY, PipelineLoadError, generation_defaults  # noqa: E402
 from fluxsae.sites import parse_site  # noqa: E402
-from fluxsae.steering import DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
 from fluxsae.tiny import tiny_flux_pipeline  # noqa: E402
 
 logger = logging.getLogger("fluxsae.app")
 
 DISPLAY_PX = 384
 """Small images are enlarged (NEAREST, whole-number factor) to about this size for display."""
-MAX_SEED = 2**32 - 1
+MAX_SEED = views.MAX_SEED
 MAX_PROMPT_CHARS = 2000
 """Longer prompts are cut here before tokenising (the tokenizers truncate to far fewer tokens anyway)."""
 PACKAGED_SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
@@ -117,7 +119,9 @@ def run(pipe, prompt, seed, site, step, defaults: Mapping) -> tuple[Image.Image,
     if site.stream == "image":
         width, height = image.size
         grid = token_grid(pipe, height, width)
-        heat = overlay(image, token_map(norms, grid))
+        factor = max(1, DISPLAY_PX // max(image.size))  # drawn at display size, with its colour bar
+        heat = feature_overlay(image, token_map(norms, grid), vmax=float(norms.max()),
+                               display_size=(width * factor, height * factor))  # fmt: skip
         where = f"{norms.numel()} image tokens ({grid[0]}x{grid[1]} grid)"
         note = ""
     else:
@@ -162,24 +166,19 @@ def build_demo(
     n_steps = int(defaults["num_inference_steps"])
     sites = [str(s) for s in fluxsae.all_sites(pipe)]
     release = views.Dictionaries(dictionaries or (SHAPES if name == SHAPES else None), labels)
-    methods = release.methods()
     vocabulary = shapes.vocabulary() if name == SHAPES else []
     first_site = next((s for s in PACKAGED_SITES if s in sites and release.get(s, "SAE")), default_site(pipe))
-
     actions = make_actions(
         pipe, defaults, release, sites, vocabulary, norms=lambda *args: run(*args), check_seed=check_seed,
         to_display=to_display, display_px=DISPLAY_PX, max_prompt_chars=MAX_PROMPT_CHARS, gpu=zero_gpu(),
     )  # fmt: skip
-
-    shown = dict(type="pil", format="png", interactive=False, buttons=["download", "fullscreen"])
-    examples = (
-        [shapes.caption(s) for s in shapes.sample_scenes(6, seed=0)] if vocabulary else ["a red circle"]
-    )
-    last_step = max(n_steps - 1, 1)
-
-    def step_slider(value, label, elem_id):
-        return views.lenient(gr.Slider(0, last_step, value=value, step=1, label=label, elem_id=elem_id))
-
+    words = make_word_actions(pipe, defaults, release, vocabulary, actions)
+    examples = ["a red circle"]
+    if vocabulary:
+        examples = [shapes.caption(s) for s in shapes.sample_scenes(6, seed=0)]
+    have = release.sites_with()
+    site_choices = [(f"{s} ({', '.join(have[s])})" if s in have else s, s) for s in sites]
+    ui = SimpleNamespace(n_steps=n_steps, last_step=max(n_steps - 1, 1))
     with gr.Blocks(title="fluxsae", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# fluxsae\nGenerate an image with `{name}`, see which dictionary features (SAE or ITDA) or MLP "
@@ -188,203 +187,82 @@ def build_demo(
         )
         if note:
             gr.Markdown(f"**Note:** {note}", elem_id="note")
-        state = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0], elem_id="prompt")
-                words = gr.Markdown(elem_id="vocabulary")
-                gr.Examples([[e] for e in examples], [prompt], label="Example prompts")
-                seed = views.lenient(
-                    gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-                )
-                site = gr.Dropdown(sites, value=first_site, label="Site", elem_id="site")
-                method = gr.Radio(methods, value="SAE", label="Units", elem_id="method")
-                with gr.Row():
-                    first = step_slider(0, "First step", "first_step")
-                    step = step_slider(n_steps - 1, "Last step", "step")
-                feature = views.lenient(
-                    gr.Number(value=-1, label="Feature (-1: the top one)", precision=0, elem_id="feature")
-                )
-                opacity = views.lenient(
-                    gr.Slider(0, 1, value=0.55, label="Heatmap opacity", elem_id="opacity")
-                )
-                rank = gr.Radio(
-                    list(views.RANKS),
-                    value=next(iter(views.RANKS)),
-                    label="Rank features by (unusual: mass over the feature's usual mass, so background "
-                    "features that fire alike on every image sink)",
-                    elem_id="rank",
-                )
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    image = gr.Image(
-                        label="Image (click a pixel: features at that token)", elem_id="image", **shown
-                    )
-                    heat = gr.Image(label="Feature heatmap", elem_id="heatmap", **shown)
-                stats = gr.Markdown(elem_id="stats")
-                table = gr.Dataframe(
-                    headers=["feature", "label", "score", "share %", "x usual"],
-                    label="Top features",
-                    interactive=False,
-                    elem_id="top_features",
-                )
-        with gr.Row():
-            with gr.Column():
-                panel = gr.Markdown(elem_id="feature_panel")
-                profile = gr.LinePlot(
-                    x="step", y="mean activation", label="Timestep profile", elem_id="profile"
-                )
-                gallery = gr.Gallery(
-                    label="Top examples", columns=5, height=200, format="png", elem_id="examples"
-                )
-                atom = gr.Gallery(
-                    label="Atom source (ITDA: the image and patch it was taken from)",
-                    columns=2,
-                    height=220,
-                    format="png",
-                    elem_id="atom_source",
-                )
-            with gr.Column():
-                with gr.Row():
-                    px = views.lenient(gr.Number(value=0, label="x (px)", elem_id="pixel_x"))
-                    py = views.lenient(gr.Number(value=0, label="y (px)", elem_id="pixel_y"))
-                at = gr.Dataframe(
-                    headers=["feature", "label", "activation", "share %"],
-                    label="Features at the clicked token",
-                    interactive=False,
-                    elem_id="at_pixel",
-                )
-                query = gr.Textbox(label="Search labels", placeholder="red circle", elem_id="search")
-                found = gr.Dataframe(
-                    headers=["feature", "label", "score"],
-                    label="Matching features",
-                    interactive=False,
-                    elem_id="found",
-                )
-        gr.Markdown("## Steer")
-        with gr.Row():
-            with gr.Column(scale=1):
-                with gr.Row(equal_height=True):
-                    add_box = gr.Textbox(
-                        label="Add features (ids or label words, comma-separated; or pick a table row)",
-                        scale=4,
-                        elem_id="steer_add",
-                    )
-                    add_button = gr.Button("Add", scale=1, min_width=60, elem_id="steer_add_button")
-                strength = views.lenient(
-                    gr.Slider(
-                        -20,
-                        20,
-                        value=DEFAULT_STRENGTH,
-                        label="Strength of added features (add: mean token norms, negative suppresses; "
-                        "clamp: the code value)",
-                        elem_id="strength",
-                    )
-                )
-                ids = gr.State([])
-                rows, sliders, removes = [], [], []
-                for i in range(views.MAX_FEATURES):
-                    with gr.Row(visible=False, equal_height=True) as row:
-                        sliders.append(
-                            views.lenient(
-                                gr.Slider(
-                                    -20,
-                                    20,
-                                    value=DEFAULT_STRENGTH,
-                                    label="feature",
-                                    scale=5,
-                                    elem_id=f"strength_{i}",
-                                )
-                            )
-                        )
-                        removes.append(gr.Button("✕", scale=0, min_width=40, elem_id=f"remove_{i}"))
-                    rows.append(row)
-                features = gr.Textbox(  # the steering list as /steer's argument
-                    label="Features and strengths ('12: 4, 7: -2')", visible=False, elem_id="steer_features"
-                )
-                mode = gr.Radio(
-                    list(views.MODES),
-                    value="add",
-                    label="Mode (ablate: clamp every listed feature to 0)",
-                    elem_id="mode",
-                )
-                steered_steps = range(n_steps)[DEFAULT_STEPS]  # the library's default: the last steps
-                with gr.Row():
-                    steer_first = step_slider(steered_steps[0], "Steer from step", "steer_first")
-                    steer_last = step_slider(steered_steps[-1], "to step", "steer_last")
-                region = gr.ImageEditor(
-                    label="Region (paint on the image; empty: everywhere)",
-                    type="pil",
-                    brush=gr.Brush(colors=["#ff00ff"]),
-                    elem_id="region",
-                )
-                steer_button = gr.Button("Steer", variant="primary", elem_id="steer")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    original = gr.Image(label="Original", elem_id="original", **shown)
-                    steered = gr.Image(label="Steered", elem_id="steered", **shown)
-                    spliced = gr.Image(label="Dictionary spliced in", elem_id="spliced", **shown)
-                steer_stats = gr.Markdown(elem_id="steer_stats")
-
-        view = [site, method, first, step]
-        gr.on(
-            [button.click, prompt.submit],
-            actions.on_generate,
-            [prompt, seed, *view, feature, opacity, rank],
-            [image, heat, stats, table, panel, profile, gallery, atom, words, state, region],
-            api_name="generate",
-            concurrency_limit=4,
-        )
-        prompt.change(
-            actions.vocabulary_note, [prompt], [words], api_name="check_prompt", show_progress="hidden"
-        )
-        rank.change(actions.on_rank, [state, *view, rank], [table], api_name="top_features")
-        feature_outputs = [heat, panel, profile, gallery, atom]
-        gr.on(
-            [feature.submit, opacity.release],
-            actions.on_feature,
-            [state, *view, feature, opacity],
-            feature_outputs,
-            api_name="show_feature",
-        )
-
-        def pick(rows, evt: gr.SelectData):
-            chosen = int(rows.iloc[evt.index[0], 0])
-            return chosen, str(chosen)
-
-        for source in (table, at, found):
-            source.select(pick, [source], [feature, add_box], api_name=False).then(
-                actions.on_feature, [state, *view, feature, opacity], feature_outputs, api_name=False
-            )
-
-        def click(evt: gr.SelectData):
-            return evt.index[0], evt.index[1]
-
-        image.select(click, None, [px, py], api_name=False).then(
-            actions.on_pixel, [state, *view, px, py], [at], api_name="features_at"
-        )
-        query.submit(actions.on_search, [query, site, method], [found], api_name="search")
-
-        slots = [ids, *rows, *sliders]
-        gr.on(
-            [add_button.click, add_box.submit],
-            actions.on_add,
-            [add_box, ids, strength, site, method],
-            [ids, add_box, *rows, *sliders],
-            api_name=False,
-        )
-        for i, remove in enumerate(removes):
-            remove.click(actions.on_remove(i), [ids, site, method, *sliders], slots, api_name=False)
-        gr.on([site.change, method.change], actions.on_clear, None, slots, api_name=False)
-        steer_button.click(actions.compose, [ids, *sliders], [features], api_name=False).then(
-            actions.on_steer,
-            [prompt, seed, site, method, features, strength, mode, steer_first, steer_last, region],
-            [original, steered, spliced, steer_stats],
-            api_name="steer",
-            concurrency_limit=4,
-        )
+        ui.state = gr.State(None)
+        panels.explore_panel(ui, actions, release, release.methods(), examples, site_choices, first_site)
+        panels.feature_panel(ui)
+        panels.steer_panel(ui)
+        _wire_explore(ui, actions)
+        _wire_steering(ui, actions, words)
     return demo
+
+
+def _wire_explore(ui, actions) -> None:
+    """Generate, re-rank, show a feature, read a pixel, search: page and API."""
+    wire = panels.wire
+    feature_outputs = [ui.heat, ui.panel, ui.profile, ui.gallery, ui.atom, ui.stats]
+    generate_outputs = [ui.image, ui.heat, ui.stats, ui.table, ui.panel, ui.profile, ui.gallery, ui.atom,
+                        ui.words, ui.state, ui.region]  # fmt: skip
+    wire(ui.generate_triggers, actions.on_generate,
+         [ui.prompt, ui.seed, *ui.view, ui.feature, ui.opacity, ui.rank, ui.show_only], generate_outputs,
+         message=ui.generate_message, api_name="generate", concurrency_limit=4)  # fmt: skip
+    ui.prompt.change(actions.vocabulary_note, [ui.prompt], [ui.words], api_name="check_prompt",
+                     show_progress="hidden")  # fmt: skip
+    rank_inputs = [ui.state, *ui.view, ui.rank, ui.show_only]
+    wire([ui.rank.change], actions.on_rank, rank_inputs, [ui.table], message=ui.generate_message,
+         api_name="top_features")  # fmt: skip
+    wire([ui.show_only.change], actions.on_rank, rank_inputs, [ui.table], message=ui.generate_message)
+    feature_inputs = [ui.state, *ui.view, ui.feature, ui.opacity]
+    wire([ui.feature.submit, ui.opacity.release], actions.on_feature, feature_inputs, feature_outputs,
+         message=ui.feature_message, api_name="show_feature")  # fmt: skip
+
+    def pick(rows, evt: gr.SelectData):
+        chosen = int(rows.iloc[evt.index[0], 0])
+        return chosen, str(chosen)
+
+    for source in (ui.table, ui.at, ui.found):
+        source.select(pick, [source], [ui.feature, ui.add_box], api_name=False).then(
+            panels.quiet(actions.on_feature, len(feature_outputs)), feature_inputs,
+            [*feature_outputs, ui.feature_message], api_name=False,
+        )  # fmt: skip
+
+    def click(evt: gr.SelectData):
+        return evt.index[0], evt.index[1]
+
+    pixel_inputs = [ui.state, *ui.view, ui.px, ui.py]
+    ui.image.select(click, None, [ui.px, ui.py], api_name=False).then(
+        panels.quiet(actions.on_pixel, 2), pixel_inputs, [ui.at, ui.image, ui.pixel_message], api_name=False
+    )
+    gr.Button(visible=False).click(actions.on_pixel, pixel_inputs, [ui.at, ui.image], api_name="features_at")
+    wire([ui.query.submit], actions.on_search, [ui.query, ui.site, ui.method], [ui.found],
+         message=ui.search_message, api_name="search")  # fmt: skip
+    gr.on([ui.site.change, ui.method.change], actions.show_choices, [ui.site, ui.method],
+          [ui.show_only, ui.method], api_name=False)  # fmt: skip
+
+
+def _wire_steering(ui, actions, words) -> None:
+    """Steer by words and by features: page and API."""
+    wire = panels.wire
+    wire([ui.swap_button.click], words.on_swap,
+         [ui.prompt, ui.seed, ui.take_out, ui.put_in, ui.only_words, ui.word_strength, ui.swap_first,
+          ui.swap_last, ui.region],
+         [ui.swap_original, ui.swap_steered, ui.swap_stats, ui.swap_original_reads, ui.swap_steered_reads],
+         message=ui.swap_message, api_name="swap", concurrency_limit=4)  # fmt: skip
+    slots = [ui.ids, *ui.rows, *ui.sliders]
+    wire([ui.add_button.click, ui.add_box.submit], actions.on_add,
+         [ui.add_box, ui.ids, ui.strength, ui.site, ui.method], [ui.ids, ui.add_box, *ui.rows, *ui.sliders],
+         message=ui.add_message)  # fmt: skip
+    for i, remove in enumerate(ui.removes):
+        remove.click(actions.on_remove(i), [ui.ids, ui.site, ui.method, *ui.sliders], slots, api_name=False)
+    gr.on([ui.site.change, ui.method.change], actions.on_clear, None, slots, api_name=False)
+    steer_inputs = [ui.prompt, ui.seed, ui.site, ui.method, ui.features, ui.strength, ui.mode, ui.steer_first,
+                    ui.steer_last, ui.region]  # fmt: skip
+    steer_outputs = [ui.original, ui.steered, ui.spliced, ui.steer_stats]
+    ui.steer_button.click(actions.compose, [ui.ids, *ui.sliders], [ui.features], api_name=False).then(
+        panels.quiet(actions.on_steer, len(steer_outputs)), steer_inputs, [*steer_outputs, ui.steer_message],
+        api_name=False, concurrency_limit=4,
+    )  # fmt: skip
+    gr.Button(visible=False).click(actions.on_steer, steer_inputs, steer_outputs, api_name="steer",
+                                   concurrency_limit=4)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

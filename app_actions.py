@@ -21,6 +21,7 @@ import torch
 
 import app_views as views
 import fluxsae
+from app_labels import RANKED_BY_DETECTION, label_of, search
 from fluxsae.autointerp.examples import capture_mlp, stack_steps
 from fluxsae.evaluate import image_mse, splice
 from fluxsae.heatmap import token_grid
@@ -90,7 +91,7 @@ def make_actions(
     def steer_images(prompt: str, seed: int, site: str, method: str, features: dict, steps, mask, mode: str):
         """The plain, steered and dictionary-spliced images (arrays in [0, 1]) from one seed, the FVU on
         the plain image's activations and the spliced generation's time."""
-        dictionary = release.get(site, method)[0]
+        dictionary = release.get(site, method).dictionary
 
         def generate():
             return pipe(prompt, generator=seeded(seed), output_type="np", **defaults).images
@@ -111,7 +112,7 @@ def make_actions(
     @on_gpu
     def regenerate_atom(site: str, atom: int) -> dict:
         """An ITDA atom's source image (its token outlined), patch and cosine, by `atom_source`."""
-        source = atom_source(release.get(site, "ITDA")[0], atom, pipe)
+        source = atom_source(release.get(site, "ITDA").dictionary, atom, pipe)
         return {"outlined": source.outlined, "patch": source.patch, "cosine": source.cosine,
                 "provenance": source.provenance}  # fmt: skip
 
@@ -121,14 +122,23 @@ def make_actions(
         prompt = "" if prompt is None else prompt
         if not isinstance(prompt, str):
             raise ValueError(f"The prompt must be text, got {type(prompt).__name__}.")
-        return prompt[:max_prompt_chars]
+        return views.cut_prompt(prompt, max_prompt_chars)
 
     def vocabulary_note(prompt) -> str:
-        unknown = views.unknown_words(check_prompt(prompt), vocabulary)
-        if not unknown:
-            return ""
-        shown = ", ".join(f"`{w}`" for w in unknown[:12]) + (" ..." if len(unknown) > 12 else "")
-        return f"⚠ The model does not know {shown}: it ignores them. Known words: {', '.join(vocabulary)}."
+        prompt = check_prompt(prompt)
+        notes = []
+        if not prompt.strip():
+            notes.append("The prompt is empty: the model draws from no caption (an unconditional sample).")
+        unknown = views.unknown_words(prompt, vocabulary)
+        if unknown:
+            shown = ", ".join(f"`{w}`" for w in unknown[:12]) + (" ..." if len(unknown) > 12 else "")
+            known = ", ".join(vocabulary)
+            notes.append(f"⚠ The model does not know {shown}: it ignores them. Known words: {known}.")
+        kept = views.read_up_to(pipe, prompt, int(defaults["max_sequence_length"]))
+        if kept is not None:
+            limit = defaults["max_sequence_length"]
+            notes.append(f"⚠ The model reads the first {limit} tokens of a prompt: it stops after “{kept}”.")
+        return "\n\n".join(notes)
 
     def step_range(first, last) -> list[int]:
         first = views.check_number(first, "first step", 0, n_steps - 1, whole=True)
@@ -181,7 +191,7 @@ def make_actions(
             return sources[key]
 
     def show(entry, site, method, acts, image, feature, steps, opacity):
-        dictionary, stats, labels = entry
+        dictionary, stats, labels, _ = entry
         feature = views.check_number(feature, "feature", 0, dictionary.cfg.n_features - 1, whole=True)
         opacity = views.check_number(opacity, "opacity", 0, 1)
         heat = views.heatmap(dictionary, acts, feature, image, stats, steps, opacity, display_px)
@@ -197,7 +207,7 @@ def make_actions(
     # -- handlers ----------------------------------------------------------------------------------------
 
     @_user_errors("Generation")
-    def on_generate(prompt, seed, site, method, first, last, feature, opacity, rank):
+    def on_generate(prompt, seed, site, method, first, last, feature, opacity, rank, show_only=views.ALL):
         start = time.perf_counter()
         site_, entry = entry_for(site, method, required=False)
         rank = check_rank(rank)
@@ -208,7 +218,7 @@ def make_actions(
             shown = to_display(image)
             return shown, to_display(heat), stats, [], "", empty, [], [], vocabulary_note(prompt), None, shown
         prompt, seed, steps = check_prompt(prompt), check_seed(seed), step_range(first, last)
-        dictionary, stats_, labels = entry
+        dictionary = entry.dictionary
         with lock:
             image, acts = capture_units(prompt, seed, site_, method)
         if acts.shape[-1] != dictionary.cfg.d_in:
@@ -216,18 +226,27 @@ def make_actions(
                 f"The {method} labels at {site_} are for {dictionary.cfg.d_in} units, this model has "
                 f"{acts.shape[-1]}: they belong to another model; pass --labels for this one."
             )
-        table = views.features_table(dictionary, acts, stats_, labels, steps, rank)
-        if feature in (None, "", -1, "-1"):
-            feature = table[0][0] if table else 0
+        table = views.features_table(entry, acts, steps, rank, show=show_only)
+        state = {"acts": acts, "image": image, "site": site_, "method": method, "seed": seed,
+                 "top": table[0][0] if table else 0, "ms": (time.perf_counter() - start) * 1000}  # fmt: skip
+        feature = state["top"] if is_top(feature) else feature
         heat, panel, profile, gallery, atom = show(entry, site_, method, acts, image, feature, steps, opacity)
-        stats = (
-            f"**{method}** at `{site_}` · feature {int(float(feature))} on steps {steps[0]}-{steps[-1]} of "
-            f"0-{n_steps - 1} · seed {seed} · {views.reconstruction_note(dictionary, acts[steps])} · "
-            f"{(time.perf_counter() - start) * 1000:.0f} ms"
-        )
-        state = {"acts": acts, "image": image, "site": site_, "method": method}
         shown = to_display(image)
+        stats = stats_line(state, entry, feature, steps)
         return shown, heat, stats, table, panel, profile, gallery, atom, vocabulary_note(prompt), state, shown
+
+    def is_top(feature) -> bool:
+        """Whether `feature` asks for the image's top feature (-1, the box's default, or nothing)."""
+        return feature is None or str(feature).strip() in ("", "-1", "-1.0")
+
+    def stats_line(state, entry, feature, steps) -> str:
+        """The statistics line of the image in `state` with `feature` shown (said again when it changes)."""
+        dictionary, acts = entry.dictionary, state["acts"]
+        return (
+            f"**{state['method']}** at `{state['site']}` · feature {int(float(feature))} on steps "
+            f"{steps[0]}-{steps[-1]} of 0-{n_steps - 1} · seed {state['seed']} · "
+            f"{views.reconstruction_note(dictionary, acts[steps])} · generated in {state['ms']:.0f} ms"
+        )
 
     def from_state(state, site, method):
         if not state or state["site"] != str(parse_site(site)) or state["method"] != method:
@@ -235,19 +254,18 @@ def make_actions(
         return entry_for(site, method)[1]
 
     @_user_errors("Ranking the features")
-    def on_rank(state, site, method, first, last, rank):
-        dictionary, stats, labels = from_state(state, site, method)
-        return views.features_table(
-            dictionary, state["acts"], stats, labels, step_range(first, last), check_rank(rank)
-        )
+    def on_rank(state, site, method, first, last, rank, show_only=views.ALL):
+        entry = from_state(state, site, method)
+        steps = step_range(first, last)
+        return views.features_table(entry, state["acts"], steps, check_rank(rank), show=show_only)
 
     @_user_errors("Showing the feature")
     def on_feature(state, site, method, first, last, feature, opacity):
         entry = from_state(state, site, method)
-        return show(
-            entry, state["site"], method, state["acts"], state["image"], feature, step_range(first, last),
-            opacity,
-        )  # fmt: skip
+        steps = step_range(first, last)
+        feature = state["top"] if is_top(feature) else feature
+        shown = show(entry, state["site"], method, state["acts"], state["image"], feature, steps, opacity)
+        return *shown, stats_line(state, entry, feature, steps)
 
     @_user_errors("Finding the features at a pixel")
     def on_pixel(state, site, method, first, last, x, y):
@@ -256,21 +274,19 @@ def make_actions(
         factor = max(1, display_px // max(image.size))  # x, y are on the displayed (enlarged) image
         x = views.check_number(x, "x", 0, image.width * factor - 1)
         y = views.check_number(y, "y", 0, image.height * factor - 1)
-        dictionary, stats, labels = entry
-        return views.at_pixel(
-            dictionary,
-            state["acts"],
-            (x / factor, y / factor),
-            image.size,
-            stats,
-            labels,
-            step_range(first, last),
-        )
+        pixel = (x / factor, y / factor)
+        rows = views.at_pixel(entry, state["acts"], pixel, image.size, step_range(first, last))
+        return rows, views.mark_token(to_display(image), pixel, image.size, state["acts"].shape[2])
 
     @_user_errors("Search")
     def on_search(query, site, method):
         _, entry = entry_for(site, method)
-        return [[f, label, round(score, 3)] for f, label, score in views.search_labels(query, entry[2], 20)]
+        rows, ranked_by = search(query, entry.labels, entry.detections, 20)
+        what = "detects" if ranked_by == RANKED_BY_DETECTION else "label"
+        headers = ["feature", what, ranked_by, "precision", "recall"]
+        import pandas as pd
+
+        return pd.DataFrame([list(r) for r in rows], columns=headers)
 
     # -- the steering list: up to MAX_FEATURES rows, one strength slider each ----------------------------
 
@@ -285,16 +301,17 @@ def make_actions(
             elif i < keep:
                 sliders.append(gr.update())
             else:
-                name = f"{ids[i]} · {views.label_of(labels, ids[i])[0]}"[:90]
+                name = f"{ids[i]} · {label_of(labels, ids[i])[0]}"[:90]
                 sliders.append(gr.update(label=name, value=values[i]))
         return rows, sliders
 
     @_user_errors("Adding a feature")
     def on_add(text, ids, default, site, method):
-        _, (dictionary, _, labels) = steerable(site, method)
+        _, entry = steerable(site, method)
+        labels = entry.labels
         default = views.check_number(default, "strength", -MAX_STRENGTH, MAX_STRENGTH)
         ids = list(ids or [])
-        new = [f for f in views.find_features(text, labels, dictionary.cfg.n_features) if f not in ids]
+        new = [f for f in views.find_features(text, entry) if f not in ids]
         if len(ids) + len(new) > views.MAX_FEATURES:
             raise ValueError(f"Steer at most {views.MAX_FEATURES} features at once: remove one first.")
         merged = ids + new
@@ -309,7 +326,7 @@ def make_actions(
             values = list(values[: len(ids)])
             del ids[index], values[index]
             entry = release.get(str(parse_site(site)), method) if method in release.methods() else None
-            rows, sliders = slot_updates(ids, entry[2] if entry else {}, values, keep=index)
+            rows, sliders = slot_updates(ids, entry.labels if entry else {}, values, keep=index)
             return ids, *rows, *sliders
 
         return remove
@@ -318,19 +335,30 @@ def make_actions(
         rows, sliders = slot_updates([], {}, [], keep=0)
         return [], *rows, *sliders
 
+    def show_choices(site, method):
+        """For a new site or method: the top-features table's "show" choices for its dictionary, and the
+        units switch, which says when there is no dictionary there (the map shows token norms)."""
+        try:
+            entry = entry_for(site, method, required=False)[1]
+        except (ValueError, SiteError):
+            entry = None
+        units = "Units (no dictionary at this site: the map shows token norms)" if entry is None else "Units"
+        return gr.update(choices=views.show_choices(entry), value=views.ALL), gr.update(label=units)
+
     def compose(ids, *values) -> str:
         """The steering list as /steer's features argument: "12: 4, 7: -2"."""
         return ", ".join(f"{f}: {float(v):g}" for f, v in zip(ids or [], values, strict=False))
 
     @_user_errors("Steering")
-    def on_steer(prompt, seed, site, method, features, strength, mode, first, last, region):
+    def on_steer(prompt, seed, site, method, features, strength, mode, first, last, region=None):
         start = time.perf_counter()
         prompt, seed, steps = check_prompt(prompt), check_seed(seed), step_range(first, last)
-        site, (dictionary, _, labels) = steerable(site, method)
+        site, entry = steerable(site, method)
+        dictionary, labels = entry.dictionary, entry.labels
         if mode not in views.MODES:
             raise ValueError(f"The mode must be one of {', '.join(views.MODES)}, got {mode!r}.")
         default = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
-        chosen = views.parse_steering(features, default, labels, dictionary.cfg.n_features, MAX_STRENGTH)
+        chosen = views.parse_steering(features, default, entry, MAX_STRENGTH)
         if mode == "ablate":
             chosen = dict.fromkeys(chosen, 0.0)
         mask = views.region_mask(region, size)
@@ -343,7 +371,7 @@ def make_actions(
             np.asarray(images[0], dtype=np.float32) - np.asarray(images[1], dtype=np.float32)
         ).mean()
         named = ", ".join(
-            f"{f} ({views.label_of(labels, f)[0]})" + ("" if mode == "ablate" else f" {s:+g}")
+            f"{f} ({label_of(labels, f)[0]})" + ("" if mode == "ablate" else f" {s:+g}")
             for f, s in chosen.items()
         )
         stats = (
@@ -358,5 +386,8 @@ def make_actions(
     return SimpleNamespace(
         vocabulary_note=vocabulary_note, on_generate=on_generate, on_rank=on_rank, on_feature=on_feature,
         on_pixel=on_pixel, on_search=on_search, on_add=on_add, on_remove=on_remove, on_clear=on_clear,
-        compose=compose, on_steer=on_steer,
+        show_choices=show_choices, compose=compose, on_steer=on_steer,
+        # shared with the other panels (app_words):
+        lock=lock, on_gpu=on_gpu, user_errors=_user_errors, check_prompt=check_prompt, check_seed=check_seed,
+        step_range=step_range, to_display=to_display,
     )  # fmt: skip
