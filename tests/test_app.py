@@ -28,11 +28,12 @@ def _hooks(pipe) -> int:
 
 def test_run_returns_image_overlay_and_stats(shared_tiny_pipe):
     image, heat, stats = app.run(shared_tiny_pipe, "a red circle", 0, IMAGE_SITE, 1, FAST)
-    assert image.size == (32, 32) and heat.size == (32, 32)
-    assert "mean token norm" in stats and "4x4 grid" in stats
-    shown = app.to_display(heat)
+    assert image.size == (32, 32) and "mean token norm" in stats and "4x4 grid" in stats
+    shown = app.to_display(image)
     assert shown.size == (384, 384)  # 12x with NEAREST: each source pixel a flat 12 px square
     assert len({tuple(p) for p in np.asarray(shown)[12:24, 12:24].reshape(-1, 3)}) == 1
+    # The norms' map is drawn at the display size, with a colour bar beside it (its scale).
+    assert heat.size[1] == 384 and heat.size[0] > 384 and app.to_display(heat).size == heat.size
 
     # Empty prompt, an over-long prompt and a text-stream site all generate.
     image2, heat2, stats2 = app.run(shared_tiny_pipe, "", 3, TEXT_SITE, 0, FAST)
@@ -199,12 +200,13 @@ def test_app_in_a_real_browser(served_app, tiny_pipe, tmp_path):
             handle = tiny_pipe.transformer.single_transformer_blocks[0].register_forward_hook(explode)
             try:
                 page.locator("#generate").click()
-                expect(page.locator(".toast-body").first).to_contain_text("boom inside the transformer")
+                expect(page.locator("#generate_message")).to_contain_text("boom inside the transformer")
             finally:
                 handle.remove()
+            expect(page.locator("#image img[src]")).to_be_visible()  # what was shown stays
             page.locator("#seed input").fill("-5")
             page.locator("#generate").click()
-            expect(page.locator(".toast-body").first).to_contain_text("whole number from 0")
+            expect(page.locator("#generate_message")).to_contain_text("whole number from 0")
             page.locator("#seed input").fill("3")
 
             page.locator("#site input").click()
@@ -215,8 +217,7 @@ def test_app_in_a_real_browser(served_app, tiny_pipe, tmp_path):
             )
             expect(page.locator("#stats")).to_contain_text("seed 3")
             expect(page.locator("#heatmap img[src]")).to_be_visible()
-            page.locator(".toast-close").first.click()  # dismiss the error toasts before the screenshot
-            expect(page.locator(".toast-body")).to_have_count(0)
+            expect(page.locator("#generate_message")).not_to_contain_text("⚠")  # cleared by the success
             page.screenshot(path=tmp_path / "app.png", full_page=True)
         finally:
             browser.close()

@@ -23,6 +23,7 @@ from test_app import CHROMIUM, _free_port, _hooks  # noqa: E402
 import app  # noqa: E402
 import app_views as views  # noqa: E402
 import fluxsae  # noqa: E402
+from app_labels import label_of  # noqa: E402
 
 SITE, SINGLE = "transformer_blocks.3.image", "single_transformer_blocks.2.image"
 PROMPT = "a red circle at the top left on a white background"
@@ -59,8 +60,10 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def _generate(client, prompt=PROMPT, seed=0, method="SAE", feature=-1, site=SITE, rank=UNUSUAL, first=0):
-    return client.predict(prompt, seed, site, method, first, 7, feature, 0.55, rank, api_name="/generate")
+def _generate(client, prompt=PROMPT, seed=0, method="SAE", feature=-1, site=SITE, rank=UNUSUAL, first=0,
+              show=views.ALL):  # fmt: skip
+    args = (prompt, seed, site, method, first, 7, feature, 0.55, rank, show)
+    return client.predict(*args, api_name="/generate")
 
 
 def _steer(client, features="0", strength=5, seed=0, mode="add", first=0, last=4, prompt="a blue square",
@@ -83,6 +86,10 @@ def _library_image(pipe, prompt, seed, edit=None) -> np.ndarray:
         return pipe(prompt, generator=generator, output_type="np", **defaults).images
 
 
+def _labels(site=SITE, method="sae") -> dict:
+    return {int(r["feature"]): r for r in fluxsae.load_labels("shapes", site=site, method=method)}
+
+
 def _shown(pipe, images) -> np.ndarray:
     return np.asarray(app.to_display(pipe.numpy_to_pil(images)[0]).convert("RGB"))
 
@@ -91,11 +98,12 @@ def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
     url, pipe = shapes_app
     client = _client(url)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert sorted(api) == sorted(
-        ["/generate", "/check_prompt", "/top_features", "/show_feature", "/features_at", "/search", "/steer"]
-    )
+    names = ["/generate", "/check_prompt", "/top_features", "/show_feature", "/features_at", "/search"]
+    assert sorted(api) == sorted([*names, "/steer", "/swap"])
     for info in api.values():
-        assert all(r["label"] for r in info["returns"]), info
+        assert all(r["label"] and not r["label"].startswith("value_") for r in info["returns"]), info
+    region = [p for p in api["/steer"]["parameters"] if p["parameter_name"] == "region"]
+    assert region and region[0]["parameter_has_default"]  # optional, as the page has it
     image, heat, stats, table, panel, profile, gallery, atom, words, region = _generate(client)
     assert _pixels(image).shape == (384, 384, 3) and _pixels(heat).shape[0] >= 384  # heatmap + colour bar
     assert "FVU on this image" in stats and " ms" in stats
@@ -103,13 +111,13 @@ def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
     assert len(rows) == 10 and all(r[1] for r in rows)  # every top feature has a label
     assert f"Feature {rows[0][0]}" in panel and "density" in panel and gallery and atom == []
     # Another feature of the table: its own heatmap, on the same fixed scale machinery.
-    heat2, panel2, _, _, _ = client.predict(SITE, "SAE", 0, 7, rows[3][0], 0.8, api_name="/show_feature")
+    heat2, panel2, *_ = client.predict(SITE, "SAE", 0, 7, rows[3][0], 0.8, api_name="/show_feature")
     assert f"Feature {rows[3][0]}" in panel2 and not np.array_equal(_pixels(heat), _pixels(heat2))
-    at = client.predict(SITE, "SAE", 0, 7, 40, 40, api_name="/features_at")["data"]
+    at = client.predict(SITE, "SAE", 0, 7, 40, 40, api_name="/features_at")[0]["data"]
     assert at and all(len(r) == 4 for r in at)
-    word = rows[0][1].split()[0]
-    found = client.predict(word, SITE, "SAE", api_name="/search")["data"]
-    assert found and all(word in r[1] for r in found)
+    found = client.predict("red", SITE, "SAE", api_name="/search")
+    assert found["headers"][:3] == ["feature", "detects", "F1"]
+    assert found["data"] and all("red" in r[1] for r in found["data"])
     # Re-ranking the same image by share of activation: the same rows' shares, largest first.
     by_share = client.predict(SITE, "SAE", 0, 7, SHARE, api_name="/top_features")["data"]
     shares = [r[3] for r in by_share]
@@ -122,6 +130,61 @@ def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
     original, steered, spliced, steer_stats = _steer(client)
     assert not np.array_equal(_pixels(original), _pixels(steered)) and "mean pixel change" in steer_stats
     assert _hooks(pipe) == 0
+
+
+def test_the_top_feature_by_default_a_marked_cell_and_prompt_notes(shapes_app):
+    """Feature -1 (the box's default) means the image's top feature on every path; the statistics name
+    the feature shown; a pixel's token is outlined; empty and over-long prompts are said to be."""
+    url, _ = shapes_app
+    client = _client(url)
+    out = _generate(client, rank=SHARE)
+    top = out[3]["data"][0][0]
+    heat, panel, *_, stats = client.predict(SITE, "SAE", 0, 7, -1, 0.3, api_name="/show_feature")
+    assert f"Feature {top}" in panel and f"feature {top} on steps" in stats
+    other = out[3]["data"][2][0]
+    stats = client.predict(SITE, "SAE", 0, 7, other, 0.3, api_name="/show_feature")[-1]
+    assert f"feature {other} on steps" in stats
+    rows, marked = client.predict(SITE, "SAE", 0, 7, 100, 100, api_name="/features_at")
+    magenta = (_pixels(marked) == [255, 0, 255]).all(-1)
+    assert rows["data"] and magenta[96:144, 96:144].any() and not magenta[200:, 200:].any()
+    assert "prompt is empty" in client.predict("", api_name="/check_prompt")
+    prompt = "a large red circle at the center and " * 4 + "on a gray background"
+    long = client.predict(prompt, api_name="/check_prompt")
+    assert "reads the first 24 tokens" in long and "stops after" in long
+    assert views.cut_prompt("a red circle", 9) == "a red" and views.cut_prompt("abcdef", 3) == "abc"
+
+
+def test_search_and_steering_by_words_take_the_feature_that_detects_the_word(shapes_app):
+    """Search ranks by held-out F1 for the concept the words name exactly (any steps), read here from the
+    label dataset independently of the app; steering by words takes that feature; the panel says what the
+    label is worth in words; unexplained features say so; the table can hide them or keep the first groups."""
+    import re as regex
+
+    url, _ = shapes_app
+    client = _client(url)
+    labels = _labels()
+    rows = [r for r in fluxsae.load_labels("shapes", config="detections", site=SITE, method="sae")]
+    rows += [{**r, "text": r["label"]} for r in labels.values() if r["status"] == "ok"]
+    for word in ("blue", "circle", "gray background"):
+        exact = [r for r in rows if regex.sub(r", (early|late) steps only$", "", r["text"]) == word]
+        best = max(exact, key=lambda r: (r["f1"], r["density"] or 0))
+        first = client.predict(word, SITE, "SAE", api_name="/search")["data"][0]
+        assert first[0] == best["feature"] and first[2] == pytest.approx(best["f1"], abs=1e-3), word
+    blue = client.predict("blue", SITE, "SAE", api_name="/search")["data"][0][0]
+    stats = _steer(client, features="blue: 2", prompt="a red circle")[3]
+    assert f"{blue} (" in stats
+    _generate(client)
+    panel = client.predict(SITE, "SAE", 0, 7, blue, 0.5, api_name="/show_feature")[1]
+    assert regex.search(r"It fires on \d+% of .*; \d+% of where it fires", panel)
+    unexplained = next(f for f, r in labels.items() if r["status"] == "unexplained")
+    panel = client.predict(SITE, "SAE", 0, 7, unexplained, 0.5, api_name="/show_feature")[1]
+    assert "**Unexplained**" in panel and "closest candidate" in panel
+    shown = _generate(client, rank=SHARE, show=views.LABELLED)[3]["data"]
+    assert len(shown) == 10 and all(labels[r[0]]["status"] == "ok" for r in shown)
+    first_groups = _generate(client, show="groups up to feature 127")[3]["data"]
+    assert first_groups and all(r[0] <= 127 for r in first_groups)
+    everything = _generate(client)[3]["data"]  # by lift, which brings the rare outer features up
+    assert any(r[0] > 127 for r in everything)  # the filter did filter
 
 
 def test_lift_ranks_by_mass_over_the_usual_mass(shapes_app):
@@ -220,7 +283,7 @@ def test_itda_feature_panel_shows_the_atom_source(shapes_app):
     assert np.array_equal(patch, np.asarray(views.enlarged(source.patch, 384)))
     # Another atom through /show_feature: its own source.
     other = out[3]["data"][1][0]
-    _, panel2, _, _, gallery2 = client.predict(SITE, "ITDA", 0, 7, other, 0.5, api_name="/show_feature")
+    _, panel2, _, _, gallery2, _ = client.predict(SITE, "ITDA", 0, 7, other, 0.5, api_name="/show_feature")
     assert itda.provenance[other]["prompt"] in panel2 and len(gallery2) == 2
 
 
@@ -246,11 +309,10 @@ def test_mlp_neurons_rank_the_blocks_own_units(shapes_app):
     dense = torch.tensor([float(labels[f]["density"]) > DEFAULT_MAX_DENSITY for f in range(len(mass))])
     expected = mass.masked_fill(dense, -1).argsort(descending=True)[:10].tolist()
     assert [r[0] for r in rows] == expected
-    assert [r[1] for r in rows] == [labels[f]["label"] for f in expected]
+    assert [r[1] for r in rows] == [label_of(labels, f)[0] for f in expected]
     assert _pixels(out[1]).shape[0] >= 384 and f"Feature {expected[0]}" in out[4]
-    word = rows[0][1].split()[0]
-    found = client.predict(word, SITE, views.MLP, api_name="/search")["data"]
-    assert found and all(word in r[1] for r in found)
+    found = client.predict("gray background", SITE, views.MLP, api_name="/search")["data"]
+    assert found and all("gray" in r[1] and "background" in r[1] for r in found)
     with pytest.raises(AppError, match="Steering takes dictionary features"):
         _steer(client, str(expected[0]), method=views.MLP)
 
@@ -306,9 +368,72 @@ def test_steering_a_painted_region_of_any_shape(shapes_app, tmp_path):
     assert "painted region" not in _steer(client, strength=20, region=region)[3]
 
 
+def _swap(client, prompt="a large red circle at the center on a white background", seed=0, take_out="red",
+          put_in="blue", words="", strength=0.6, first=0, last=7, region=None):  # fmt: skip
+    args = (prompt, seed, take_out, put_in, words, strength, first, last, region)
+    return client.predict(*args, api_name="/swap")
+
+
+def test_swapping_words_turns_the_object_and_says_what_it_used(shapes_app):
+    """Make the red thing blue through the app: the text-stream swap at every text site, the same images
+    the library makes from the same seed, what the reader sees beside each, the features named."""
+    from fluxsae.regions import generate_pair
+    from fluxsae.word_steering import WordSteering, shapes_captions
+
+    url, pipe = shapes_app
+    client = _client(url)
+    original, steered, stats, reads_before, reads_after = _swap(client)
+    assert "red" in reads_before and "blue" in reads_after and "circle at the center" in reads_after
+    texts = [fluxsae.load_sae("shapes", site=f"transformer_blocks.{i}.text") for i in range(4)]
+    words = WordSteering(pipe, texts, shapes_captions, app.generation_defaults("shapes", pipe))
+    swap = words.swap("red", "blue", 0.6)
+    for site, _word, feature, _role in swap.features:
+        assert f"`{site}`" in stats and str(feature) in stats
+    plain, edited = generate_pair(pipe, "a large red circle at the center on a white background", 0,
+                                  lambda: fluxsae.steer(pipe, swap.specs, steps=None), output_type="np",
+                                  **app.generation_defaults("shapes", pipe))  # fmt: skip
+    assert np.array_equal(_pixels(original), _shown(pipe, plain.images))
+    assert np.array_equal(_pixels(steered), _shown(pipe, edited.images))
+    two = "a large red circle at the left and a small red square at the right on a white background"
+    only = _swap(client, prompt=two, words="red circle at the left")
+    assert "only 'red circle at the left'" in only[2]
+    assert _hooks(pipe) == 0
+
+
+def test_a_painted_region_turns_what_is_in_it_and_keeps_the_rest(shapes_app, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    url, pipe = shapes_app
+    client = _client(url)
+    prompt = "a large red circle at the top left and a large red square at the bottom right on a gray"
+    prompt += " background"
+    layer = np.zeros((384, 384, 4), np.uint8)
+    layer[:160, :160] = 255  # over the top-left object, on the displayed image
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    Image.new("RGB", (384, 384)).save(tmp_path / "background.png")
+    background = handle_file(tmp_path / "background.png")
+    painted = [handle_file(tmp_path / "layer.png")]
+    region = {"background": background, "layers": painted, "composite": background}
+    original, steered, stats, _, after = _swap(client, prompt=prompt, seed=3, region=region)
+    assert "inside the painted region" in stats
+    change = np.abs(_pixels(original).astype(int) - _pixels(steered).astype(int)).sum(-1)
+    # The far corner keeps its latents; its pixels move only by what the decoder mixes across the image.
+    assert change[:150, :150].mean() > 5 * change[250:, 250:].mean()
+    assert "blue" in after and "red square at the bottom right" in after
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
+        (lambda c: _swap(c, take_out="teal"), "does not know 'teal'.*knows a, and"),
+        (lambda c: _swap(c, take_out="green"), "does not say 'green'"),
+        (lambda c: _swap(c, take_out="", put_in=""), "a word to take out, a word to put in"),
+        (lambda c: _swap(c, strength="NaN"), "strength must be"),
+        (lambda c: _swap(c, strength=1e6), "strength must be"),
+        (lambda c: _swap(c, first=7, last=2), "after the last step"),
+        (lambda c: _swap(c, last=99), "last step must be"),
+        (lambda c: _swap(c, words="blue square"), "'blue square' is not in the prompt"),
         (lambda c: _generate(c, seed="NaN"), "whole number"),
         (lambda c: _generate(c, seed="abc"), "whole number"),
         (lambda c: _generate(c, feature=10**6), "feature must be"),
@@ -338,6 +463,29 @@ def test_bad_input_is_a_clear_error_and_the_next_request_is_unchanged(shapes_app
     with pytest.raises(AppError, match=match):
         call(client)
     assert _hooks(shapes_app[1]) == 0
+
+
+def test_a_region_covering_every_token_or_none_is_refused_or_ignored(shapes_app, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    client = _client(shapes_app[0])
+    Image.new("RGB", (384, 384)).save(tmp_path / "background.png")
+    for name, value in (("all", 255), ("none", 0)):
+        Image.fromarray(np.full((384, 384, 4), value, np.uint8)).save(tmp_path / f"{name}.png")
+    background = handle_file(tmp_path / "background.png")
+    region = {"background": background, "layers": [handle_file(tmp_path / "all.png")],
+              "composite": background}  # fmt: skip
+    with pytest.raises(AppError, match="covers every token"):
+        _swap(client, region=region)
+    region["layers"] = [handle_file(tmp_path / "none.png")]  # nothing painted: the whole image
+    assert "the whole image" in _swap(client, region=region)[2]
+    before = _swap(client, seed=5)
+    with pytest.raises(AppError):
+        _swap(client, seed=5, strength="inf")
+    after = _swap(client, seed=5)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(before[:2], after[:2], strict=True))
 
 
 def test_a_text_site_shows_token_norms_though_the_release_has_a_text_sae_there(shapes_app):
@@ -444,7 +592,7 @@ def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatc
     demo, gpu_url = _launch(pipe)
     try:
         names = {fn.__name__ for fn in decorated}
-        assert names == {"capture_units", "steer_images", "regenerate_atom"}
+        assert names == {"capture_units", "steer_images", "regenerate_atom", "swap_images"}
         assert all("pipe" not in inspect.signature(fn).parameters for fn in decorated)
         plain, on_gpu = _client(url), _client(gpu_url)
         for method in ("SAE", "ITDA", views.MLP):
@@ -455,7 +603,9 @@ def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatc
         a = _top(on_gpu, 1)[0]
         for x, y in zip(_steer(plain, f"{a}: 5")[:3], _steer(on_gpu, f"{a}: 5")[:3], strict=True):
             assert np.array_equal(_pixels(x), _pixels(y))
-        assert set(calls) == names
+        for x, y in zip(_swap(plain)[:2], _swap(on_gpu)[:2], strict=True):
+            assert np.array_equal(_pixels(x), _pixels(y))
+        assert set(calls) - {"regenerate_atom"} == names - {"regenerate_atom"}
     finally:
         demo.close()
     assert _hooks(pipe) == 0
@@ -495,16 +645,17 @@ def test_features_search_and_steering_with_a_painted_region_in_a_real_browser(sh
             # Click a pixel: the features at that token.
             page.locator("#image img").click(position={"x": 60, "y": 60})
             expect(page.locator('#at_pixel [role=row][aria-rowindex="2"]')).to_be_visible(timeout=30_000)
-            # Search labels with a word of the top feature's label; pick the first match.
-            label = page.locator('#top_features [role=row][aria-rowindex="2"] [role=gridcell]').nth(1)
-            word = label.inner_text().strip().split()[0]
-            page.locator("#search textarea").fill(word)
+            # Search for a word; the first match is the feature that detects it best; pick it.
+            page.locator("#search textarea").fill("red")
             page.locator("#search textarea").press("Enter")
             match = page.locator('#found [role=row][aria-rowindex="2"] [role=gridcell]')
-            expect(match.nth(1)).to_contain_text(word, timeout=30_000)
-            found, found_label = match.nth(0).inner_text().strip(), match.nth(1).inner_text().strip()
+            expect(match.nth(1)).to_contain_text("red", timeout=30_000)
+            found = match.nth(0).inner_text().strip()
             match.first.click()
-            expect(page.locator("#feature_panel")).to_contain_text(found_label, timeout=30_000)
+            expect(page.locator("#feature_panel")).to_contain_text(f"Feature {found}", timeout=30_000)
+            expect(page.locator("#feature_panel")).to_contain_text("of where it fires", timeout=30_000)
+            found_label = label_of(_labels(), int(found))[0]
+            page.get_by_role("tab", name="By features (image stream)").click()
             # Add it to the steering list; its own slider, at 10.
             expect(page.locator("#steer_add textarea")).to_have_value(found)
             page.locator("#steer_add_button").click()
@@ -513,12 +664,15 @@ def test_features_search_and_steering_with_a_painted_region_in_a_real_browser(sh
             page.locator("#strength_0 input[type=number]").fill("10")
             page.locator("#strength_0 input[type=number]").press("Tab")
             # Paint a stroke over the top-left of the image in the region editor.
+            page.locator("#region").scroll_into_view_if_needed()
             page.locator('#region button[aria-label="Brush"]').first.click()
             box = page.locator("#region canvas").first.bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25)
+            # The image sits in the middle of the editor: a stroke over its top-left quarter.
+            x0, y0 = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5
+            page.mouse.move(x0 - box["height"] * 0.3, y0 - box["height"] * 0.3)
             page.mouse.down()
             for i in range(1, 11):
-                page.mouse.move(box["x"] + box["width"] * (0.25 + 0.02 * i), box["y"] + box["height"] * 0.3)
+                page.mouse.move(x0 - box["height"] * (0.3 - 0.025 * i), y0 - box["height"] * 0.25)
             page.mouse.up()
             page.locator("#steer").click()
             stats = page.locator("#steer_stats")
@@ -539,3 +693,60 @@ def test_features_search_and_steering_with_a_painted_region_in_a_real_browser(sh
     assert len({tuple(p) for p in steered.reshape(-1, 3)[::7]}) > 20
     label = _crop(shot, label_box, scroll_y)  # the slider row with the feature's label is on the shot
     assert label.size and (label.min(-1) < 100).mean() > 0.005  # dark text on the light row
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True)
+
+
+def test_the_page_keeps_what_it_shows_when_a_request_fails_and_steers_by_words(shapes_app):
+    """In the browser: the site list says where the dictionaries are; moving the opacity with the default
+    feature redraws the top one; a clicked row's feature is named in the statistics; a failed request
+    says why beside its control and leaves the image and table in place; steering by words shows the two
+    images and what the reader sees in each."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("FLUXSAE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (FLUXSAE_REQUIRE_BROWSER=1).")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(shapes_app[0])
+            expect(page.locator("#site input")).to_have_value(f"{SITE} (SAE, ITDA)", timeout=30_000)
+            page.locator("#prompt textarea").fill("a large red circle at the center on a white background")
+            page.locator("#generate").click()
+            expect(page.locator("#stats")).to_contain_text("FVU on this image", timeout=60_000)
+            first_row = page.locator('#top_features [role=row][aria-rowindex="2"] [role=gridcell]')
+            top = first_row.first.inner_text().strip()
+            page.locator("#opacity input[type=number]").fill("0.9")
+            page.locator("#opacity input[type=number]").press("Enter")
+            page.locator("#opacity input[type=range]").dispatch_event("mouseup")  # the slider's release
+            expect(page.locator("#feature_panel")).to_contain_text(f"Feature {top}", timeout=30_000)
+            expect(page.locator("#feature_message")).not_to_contain_text("⚠")
+            cell = page.locator('#top_features [role=row][aria-rowindex="4"] [role=gridcell]').first
+            picked = cell.inner_text().strip()
+            cell.click()
+            expect(page.locator("#stats")).to_contain_text(f"feature {picked} on steps", timeout=30_000)
+            page.locator("#seed input").fill("")
+            page.locator("#generate").click()
+            expect(page.locator("#generate_message")).to_contain_text("seed", timeout=30_000)
+            expect(page.locator("#image img[src]")).to_be_visible()
+            expect(page.locator('#top_features [role=row][aria-rowindex="2"]')).to_be_visible()
+            expect(page.locator("#stats")).to_contain_text(f"feature {picked} on steps")
+            page.locator("#seed input").fill("0")
+            page.get_by_role("tab", name="By words (text stream)").click()
+            page.locator("#swap_out textarea").fill("red")
+            page.locator("#swap_in textarea").fill("blue")
+            page.locator("#swap").click()
+            expect(page.locator("#swap_steered_reads")).to_contain_text("blue circle", timeout=60_000)
+            expect(page.locator("#swap_original_reads")).to_contain_text("red circle")
+            expect(page.locator("#swap_stats")).to_contain_text("clamped to 0")
+            page.locator("#swap_out textarea").fill("teal")
+            page.locator("#swap").click()
+            expect(page.locator("#swap_message")).to_contain_text("does not know 'teal'", timeout=30_000)
+            expect(page.locator("#swap_steered img[src]")).to_be_visible()
+        finally:
+            browser.close()

@@ -8,7 +8,15 @@ import pytest
 from PIL import Image
 
 from fluxsae.feature_stats import load_feature_stats
-from fluxsae.labels import LABEL_COLUMNS, load_labels, shapes_labels_dir, write_labels
+from fluxsae.labels import (
+    LABEL_COLUMNS,
+    NEW_COLUMNS,
+    LabelsNotFoundError,
+    has_detection,
+    load_labels,
+    shapes_labels_dir,
+    write_labels,
+)
 
 SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 
@@ -53,6 +61,29 @@ def test_written_labels_load_through_load_labels_and_load_dataset(tmp_path):
         load_labels(tmp_path)
 
 
+def test_a_dataset_written_before_detection_scores_loads_with_their_columns_empty(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [_row(SITES[0], "sae", f) for f in range(3)]
+    images = [{"image_id": 0, "prompt": "p", "seed": 0, "scene": None, "image": Image.new("RGB", (64, 64))}]
+    folder = write_labels(tmp_path / "old", rows, images, body="# old labels")
+    for shard in (folder / "data" / "labels").glob("*.parquet"):  # as the earlier releases wrote them
+        table = pq.read_table(shard)
+        pq.write_table(table.drop_columns([c for c in NEW_COLUMNS if c in table.column_names]), shard)
+    assert "f1" not in pq.read_table(next((folder / "data" / "labels").glob("*.parquet"))).column_names
+    old = load_labels(folder, site=SITES[0], method="sae")
+    assert set(NEW_COLUMNS) <= set(old.column_names)
+    assert all(old[c] == [None] * 3 for c in NEW_COLUMNS)
+    assert old[1]["label"] == "label 1" and not has_detection(old)
+    with pytest.raises(LabelsNotFoundError, match="no 'detections' config.*before detection scores"):
+        load_labels(folder, config="detections")
+    scored = {"f1": 0.7, "precision": 0.9, "recall": 0.6}
+    detected = {"site": SITES[0], "method": "sae", "feature": 0, "concept": "color:red", "text": "red"}
+    detected.update(scored)
+    fresh = write_labels(tmp_path / "new", [{**rows[0], **scored}], images, detections=[detected])
+    assert has_detection(load_labels(fresh)) and load_labels(fresh, config="detections")[0]["text"] == "red"
+
+
 PACKAGED = shapes_labels_dir()
 
 
@@ -69,16 +100,23 @@ def test_packaged_shapes_labels_cover_every_unit_and_stay_small():
             labels = load_labels("shapes", site=site, method=method)
             assert sorted(labels["feature"]) == list(range(n))
     sae = load_labels("shapes", site=SITES[0], method="sae").to_pandas()
-    assert (sae["explainer"] == "shapes-oracle").all()
-    assert sae["status"].isin(["ok", "no_examples"]).all()
-    # A unit goes unlabelled only when it (almost) never fires: every feature that fires on >= 0.2% of
-    # tokens in its shipped statistics has examples and a label (the Matryoshka SAE's outer features are
-    # often dead; benchmarks/README.md, Interpretability).
+    assert (sae["explainer"] == "shapes-oracle-detection").all()
+    assert sae["status"].isin(["ok", "unexplained", "no_examples"]).all()
+    # Every unit that fires on >= 0.2% of tokens in its shipped statistics has detection figures: a label
+    # or "unexplained" (the Matryoshka SAE's outer features are often dead).
     density = load_feature_stats("shapes", site=SITES[0], kind="sae").density.numpy()
-    assert set(sae[density[sae["feature"].to_numpy()] >= 0.002]["status"]) == {"ok"}
+    assert set(sae[density[sae["feature"].to_numpy()] >= 0.002]["status"]) <= {"ok", "unexplained"}
     ok = sae[sae["status"] == "ok"]
-    assert ok["label"].notna().all() and ok["auroc"].between(0, 1).all()
-    assert sae[sae["status"] == "no_examples"]["label"].isna().all()
+    assert ok["label"].notna().all() and ok["concept"].notna().all()
+    assert (ok["precision"] >= 0.8).all() and ok["recall"].between(0, 1).all() and (ok["n_fired"] > 0).all()
+    assert ok["f1"].between(0, 1).all() and ok["threshold"].between(0, 1).all()
+    assert (ok["fires_above"] >= 0).all()
+    regions = ok[~ok["concept"].str.startswith("noise")]
+    assert regions["auroc"].between(0, 1).all() and ok["concept"].str.startswith("noise").any()
+    assert sae[sae["status"] != "ok"]["label"].isna().all()
+    detections = load_labels("shapes", config="detections", site=SITES[0], method="sae")
+    red = [r for r in detections if r["concept"] == "color:red"]
+    assert red and max(r["f1"] for r in red) > 0.8  # the packaged SAE has a red feature, findable by F1
     scored = sae[sae["score"].notna()]
     assert len(scored) > 0.5 * len(ok) and scored["score"].between(0, 1).all()  # most labels are scored
     # The references resolve: example ids name rows of the images config, maps have one value per token.
@@ -88,6 +126,6 @@ def test_packaged_shapes_labels_cover_every_unit_and_stay_small():
     assert set(row["example_images"]) <= ids and all(len(m) == 64 for m in row["example_maps"])
     assert max(max(m) for m in row["example_maps"]) == 255  # the best example sets the scale
     assert len(row["timestep_profile"]) == 8
-    best = ok.sort_values("auroc").iloc[-1]
+    best = regions.sort_values("auroc").iloc[-1]
     assert best["auroc"] > 0.9 and isinstance(best["label"], str)
     assert np.isclose(row["example_activations"][0], row["example_scale"])
