@@ -18,7 +18,7 @@ from hub_server import HubServer
 
 import fluxsae
 from fluxsae.hub import DictionaryNotFoundError, shapes_dictionaries_dir
-from fluxsae.labels import LabelsNotFoundError, load_labels
+from fluxsae.labels import NEW_COLUMNS, LabelsNotFoundError, load_labels
 from fluxsae.releases import RELEASES, resolve
 from fluxsae.sae import SAEConfig, TopKSAE
 from training import publish
@@ -289,15 +289,17 @@ def test_label_dataset_uploads_and_loads_back_from_the_hub_bit_exact(hub, tmp_pa
     info = publish.upload(staged, "me/labels", repo_type="dataset")
     assert hub.tree("me/labels", repo_type="dataset") == files_of(staged)
     assert hub.validated[-1]["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
-    loaded = load_labels("me/labels", revision=info.oid)
-    assert loaded.to_dict() == table.to_pydict()  # every value, as written
+    loaded = load_labels("me/labels", revision=info.oid).to_dict()
+    assert {k: v for k, v in loaded.items() if k in table.column_names} == table.to_pydict()  # as written
+    assert all(loaded[c] == [None] * 4 for c in NEW_COLUMNS)  # a dataset without detection scores
 
 
 def test_space_folder_is_assembled_the_same_way(tmp_path):
     out = tmp_path / "space"
     publish.main(["space", "me/fluxsae-demo", "--dry-run", str(out)])
     files = set(files_of(out))
-    assert {"app.py", "app_actions.py", "app_views.py", "requirements.txt", "README.md", ".gitattributes",
+    assert {"app.py", "app_actions.py", "app_views.py", "app_panels.py", "app_words.py", "app_labels.py",
+            "requirements.txt", "README.md", ".gitattributes",
             "fluxsae/__init__.py"} <= files  # fmt: skip
     assert "fluxsae/shapes/model/transformer/diffusion_pytorch_model.safetensors" in files
     assert f"fluxsae/shapes/dictionaries/sae/{SITES[0]}/sae.safetensors" in files

@@ -303,8 +303,8 @@ SPACE_PACKAGE_DATA = ("shapes/model", "shapes/dictionaries", "shapes/labels")
 """Folders of the fluxsae package the Space ships (the embedded model, its dictionaries and labels)."""
 
 
-APP_MODULES = ("app.py", "app_actions.py", "app_views.py")
-"""The app: layout (app.py, the Space's app_file), request handlers and views."""
+APP_MODULES = tuple(sorted(p.name for p in ROOT.glob("app*.py")))
+"""The app: app.py (the Space's app_file) and the modules beside it (panels, handlers, views)."""
 
 
 def stage_space(
