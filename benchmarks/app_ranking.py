@@ -32,24 +32,28 @@ SITES = ("transformer_blocks.3.image", "single_transformer_blocks.2.image")
 
 
 def is_background(concept: str) -> bool:
-    return concept.startswith("background:") and "+" not in concept
+    """A background-colour label: a background (or either of two) and nothing about objects."""
+    parts = [p for p in concept.split("@")[0].split("+") if p != "part:background"]
+    return bool(parts) and all(p.startswith("background:") for p in parts)
 
 
 def matches(concept: str, scene, objects_only: bool = False) -> bool:
     """Whether every part of a concept key (e.g. "color:red+shape:circle@late") holds for one object of
     the scene (or, for a background key, the scene's background)."""
-    parts = [p.split("@")[0].split(":", 1) for p in concept.split("+") if ":" in p]
+    # Parts of an object ("part:edge") and regions of the image say where, not what: they are left out.
+    parts = [p.split(":", 1) for p in concept.split("@")[0].split("+") if ":" in p]
+    parts = [(k, v.split("|")) for k, v in parts if k not in ("part", "region")]
     if not parts:
         return False
     if all(k == "background" for k, _ in parts):
-        return not objects_only and all(v == scene.background for _, v in parts)
+        return not objects_only and all(scene.background in v for _, v in parts)
 
-    def holds(obj, key, value):
+    def holds(obj, key, values):
         if key == "background":
-            return scene.background == value
+            return scene.background in values
         if key == "position":
-            return value == obj.position or value in obj.position.split()
-        return getattr(obj, key, None) == value
+            return any(v == obj.position or v in obj.position.split() for v in values)
+        return getattr(obj, key, None) in values
 
     return any(all(holds(o, k, v) for k, v in parts) for o in scene.objects)
 
