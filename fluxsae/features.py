@@ -128,6 +128,7 @@ def top_features(
     steps: int | Sequence[int] | None = None,
     max_density: float | None = None,
     rank: Literal["mass", "lift"] = "mass",
+    step_ids: Sequence[int] | None = None,
 ) -> list[TopFeature]:
     """The features of one image ranked by activation mass (activation summed over its tokens), or by
     lift: mass / (usual mass + the mean usual mass of all features).
@@ -146,6 +147,8 @@ def top_features(
             positions are denoising steps). Large-area features that fire alike on every image of
             their kind (background colours) rank high by mass; lift ranks what is particular to this
             image first (figures: benchmarks/app_ranking.py, benchmarks/README.md).
+        step_ids: the denoising step of each captured position, when not every step was captured (an
+            image denoised from a noise level runs the last steps only: `Captured.steps`).
     Returns:
         Up to n TopFeature(feature, mass, share), largest mass (or lift) first; features with no
         activation on the image are never listed.
@@ -159,12 +162,13 @@ def top_features(
     elif rank == "lift":
         if stats is None:
             raise ValueError("rank='lift' compares with the feature's usual mass: pass stats=... as well.")
-        if acts.shape[0] != len(stats.steps):
+        ids = list(stats.steps) if step_ids is None else [int(s) for s in step_ids]
+        if len(ids) != acts.shape[0]:
             raise ValueError(
-                f"rank='lift' needs every step the stats count ({len(stats.steps)}) captured, got "
-                f"{acts.shape[0]}: capture without steps=..."
+                f"rank='lift' needs the denoising step of every captured position: {acts.shape[0]} captured, "
+                f"{len(ids)} known; capture every step, or pass step_ids=acts.steps."
             )
-        score = _lift(mass, usual_mass(stats, [stats.steps[i] for i in chosen], acts.shape[2]))
+        score = _lift(mass, usual_mass(stats, [ids[i] for i in chosen], acts.shape[2]))
     else:
         raise ValueError(f"rank must be 'mass' or 'lift', got {rank!r}.")
     ranked = _ranked(mass, n, stats, max_density, dictionary, score)
@@ -358,3 +362,39 @@ def caption_features(
     key = lambda f: (not bool(near[f]), -float(gap[f] if near[f] else separation[f]))  # noqa: E731
     order = sorted(range(len(gap)), key=key)
     return [int(f) for f in order[:n] if separation[f] > 0.5]
+
+
+class FeatureDiff(NamedTuple):
+    """One feature's mass on two images, as ranked by `diff`."""
+
+    feature: int
+    mass_a: float
+    """Its activation summed over image A's tokens (averaged over the chosen steps)."""
+    mass_b: float
+    change: float
+    """mass_b - mass_a: positive where B has more of it."""
+
+
+def diff(
+    dictionary, acts_a: torch.Tensor, acts_b: torch.Tensor, n: int = 10, *,
+    steps: int | Sequence[int] | None = None, batch_a: int = 0, batch_b: int = 0,
+) -> list[FeatureDiff]:  # fmt: skip
+    """The `n` features whose activation mass differs most between two images (e.g. two prompts from one
+    seed), largest |change| first: what one word of a prompt changes inside the model.
+
+    acts_a, acts_b: captured activations [steps, batch, tokens, d] of the same site and steps."""
+    acts_a, acts_b = check_acts(dictionary, acts_a), check_acts(dictionary, acts_b)
+    if acts_a.shape[0] != acts_b.shape[0] or acts_a.shape[2] != acts_b.shape[2]:
+        raise ValueError(
+            f"diff compares images captured alike: got {acts_a.shape[0]} steps x {acts_a.shape[2]} tokens "
+            f"against {acts_b.shape[0]} x {acts_b.shape[2]}; capture both at the same size and steps."
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
+    chosen = step_index(acts_a, steps)
+    mass_a = _mass(dictionary, acts_a[chosen, batch_index(acts_a, batch_a)])
+    mass_b = _mass(dictionary, acts_b[chosen, batch_index(acts_b, batch_b)])
+    change = mass_b - mass_a
+    order = change.abs().argsort(descending=True)[:n]
+    return [FeatureDiff(int(f), float(mass_a[f]), float(mass_b[f]), float(change[f]))
+            for f in order if change[f] != 0]  # fmt: skip

@@ -51,7 +51,9 @@ class StepTracker:
 
     def before_transformer(self, module, args, kwargs) -> None:
         timesteps = getattr(self.scheduler, "timesteps", None)
-        step = getattr(self.scheduler, "step_index", None) or 0
+        step = getattr(self.scheduler, "step_index", None)
+        if step is None:  # the first call: an img2img run starts at the schedule's begin_index, not at 0
+            step = getattr(self.scheduler, "begin_index", None) or 0
         if timesteps is not self._timesteps or self.generation < 0:
             # We keep a reference to the tensor, so its id cannot be reused by a later one.
             self._timesteps = timesteps
