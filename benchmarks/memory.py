@@ -79,7 +79,7 @@ def write_metadata(folder: Path, n_prompts: int, prompts_per_shard: int) -> None
     with open(folder / "prompts.jsonl", "w") as f:
         for i in range(n_prompts):
             f.write(json.dumps({"id": i, "seed": i, "prompt": f"synthetic prompt {i}"}) + "\n")
-    ActivationStore(folder).write_manifest()
+    ActivationStore(folder, complete=False).write_manifest()
 
 
 def link_prefix(big: Path, folder: Path, n_prompts: int, prompts_per_shard: int) -> None:

@@ -5,7 +5,8 @@ A harvest folder (written by `python -m training.harvest`):
     harvest.json                     what was harvested: model, sites, steps, dtype, generation args
     prompts.jsonl                    one line per prompt: {"id", "prompt", "seed", ...}
     shards/shard-000000.safetensors  prompts [i * P, (i + 1) * P) of the prompt list
-    manifest.json                    the shards and their row counts (rebuilt from the shards)
+    manifest.json                    the shards and their row counts, written last: a harvest without
+                                     it (killed, or still running) is not read
 
 Each shard holds, for every site, `acts/<site>` [rows, d] in the storage dtype, and for each
 stream ("image", "text") the manifest of its rows, one value per row:
@@ -13,7 +14,9 @@ stream ("image", "text") the manifest of its rows, one value per row:
 `<stream>/timestep` (sigma in [0, 1], the transformer's `timestep` input), `<stream>/token`
 (index in the stream), `<stream>/row`, `<stream>/col` (the token's cell in the image grid;
 -1 for text tokens). Rows are ordered prompt, step, token. A shard file is written atomically,
-so it exists only when complete: a killed harvest resumes at the first missing shard.
+so it exists only when complete: a killed harvest resumes at the first missing shard. `manifest.json`
+is written once every shard is there, and `ActivationStore` checks it against the shards and the
+prompts: training on a harvest that is half done, or lost a shard, is refused with what to do.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fluxsae.fileio import save_tensors, write_json
 from fluxsae.sites import parse_site
 
 MANIFEST_FIELDS = ("prompt_id", "seed", "step", "timestep", "token", "row", "col")
+MANIFEST_FILE = "manifest.json"
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EPOCH_SEED_STRIDE = 1_000_003
 """`batches` shuffles epoch e of seed s with seed s * EPOCH_SEED_STRIDE + e: a prime, so no two
@@ -118,7 +122,9 @@ class ActivationStore:
     sample = store.sample_rows(site, shards=range(8), n=65_536, seed=0)  # only the sampled rows read
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, complete: bool = True):
+        """`complete`: refuse a harvest whose manifest.json is missing or disagrees with its shards
+        (False reads whatever shards are there: for the harvest itself, while it runs)."""
         self.folder = Path(folder)
         config_path = self.folder / "harvest.json"
         if not config_path.is_file():
@@ -128,9 +134,52 @@ class ActivationStore:
             )
         try:
             self.config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ActivationStoreError(f"{config_path} is not valid JSON ({e}).") from e
         self.shards = self._scan()
+        if complete:
+            self._check_complete()
+
+    def _check_complete(self) -> None:
+        """ActivationStoreError unless manifest.json (written last) lists exactly the shards there, with
+        their rows, and they hold every prompt of harvest.json."""
+        path = self.folder / MANIFEST_FILE
+        again = "run the same `python -m training.harvest` command again: it redoes what is missing"
+        if not path.is_file():
+            raise ActivationStoreError(
+                f"{self.folder} is an unfinished harvest: {path} is missing (it is written last, once "
+                f"every shard is there; {len(self.shards)} shard(s) so far). If the harvest is not still "
+                f"running, {again}."
+            )
+        try:
+            listed = {Path(s["file"]).name: s for s in json.loads(path.read_text())["shards"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ActivationStoreError(f"{path} is unreadable ({e}); {again}.") from e
+        found = {s.path.name: s for s in self.shards}
+        lost, unlisted = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+        if lost:
+            raise ActivationStoreError(
+                f"{self.folder}: shard(s) {', '.join(lost)} listed in {path.name} are missing; {again}."
+            )
+        if unlisted:
+            raise ActivationStoreError(
+                f"{self.folder}: shard(s) {', '.join(unlisted)} are not listed in {path.name} (left by "
+                f"another harvest, or a harvest still running); {again}."
+            )
+        for name, shard in found.items():
+            if listed[name].get("rows") != shard.rows:
+                raise ActivationStoreError(
+                    f"{shard.path}: holds rows {shard.rows} but {path.name} says {listed[name].get('rows')}; "
+                    f"the shard was replaced; delete it and {again}."
+                )
+        covered = sorted(s.prompts for s in self.shards)
+        n_prompts = self.config.get("n_prompts")
+        ends = [0] + [end for _, end in covered]
+        if [start for start, _ in covered] != ends[:-1] or (n_prompts is not None and ends[-1] < n_prompts):
+            raise ActivationStoreError(
+                f"{self.folder}: its shards hold prompts {covered}, not every prompt 0..{n_prompts} of "
+                f"harvest.json once; {again}."
+            )
 
     def _scan(self) -> list[ShardInfo]:
         shards = []
@@ -166,8 +215,15 @@ class ActivationStore:
 
     def prompts(self) -> list[dict]:
         """Every line of prompts.jsonl: {"id", "prompt", "seed", ...} (shapes prompts carry "scene")."""
-        with open(self.folder / "prompts.jsonl") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        path = self.folder / "prompts.jsonl"
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ActivationStoreError(
+                f"{path} is unreadable ({e}); run the same `python -m training.harvest` command again to "
+                "rewrite it."
+            ) from e
 
     def load(
         self, site: str, shards: Iterable[int] | None = None, dtype: torch.dtype = torch.float32
@@ -430,10 +486,11 @@ class ActivationStore:
         return math.floor(sum(s.rows[stream] for s in chosen) / (batch_size * world_size))
 
     def write_manifest(self) -> None:
-        """manifest.json: the shards found and their rows (a summary; readers scan the shards)."""
+        """manifest.json: the shards found and their rows. Written last, once every shard is there:
+        readers refuse a harvest without it (`complete`)."""
         self.shards = self._scan()
         write_json(
-            self.folder / "manifest.json",
+            self.folder / MANIFEST_FILE,
             {
                 "shards": [
                     {"file": f"shards/{s.path.name}", "prompts": list(s.prompts), "rows": s.rows}

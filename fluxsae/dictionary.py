@@ -21,21 +21,32 @@ This module is math on tensors and files: it imports nothing of the pipeline sid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from fluxsae.fileio import load_tensors
+from fluxsae.fileio import atomic_path, load_tensors
 from fluxsae.version import __version__
 
 CFG_FILE = "cfg.json"
 """Every dictionary folder holds this config; its `architecture` says which class reads the folder."""
+
+
+DICTIONARY_FILES = frozenset({CFG_FILE, "sae.safetensors", "itda.safetensors", "atoms.parquet",
+                              "sae_weights.safetensors", "state_dict.pth", "config.json"})  # fmt: skip
+"""The files that make a site folder's dictionary, in fluxsae's format or another library's
+(fluxsae.formats). A save replaces them all; the folder's other files (feature statistics) are kept."""
 
 
 class DictionaryLoadError(ValueError):
@@ -130,6 +141,18 @@ class DictionaryConfig:
     def __post_init__(self):
         if self.format_version is None:
             object.__setattr__(self, "format_version", self.FORMAT_VERSION)
+        check_field_types(self)
+        if not self.mean_token_norm >= 0:
+            raise ValueError(
+                f"{type(self).__name__}.mean_token_norm must be a finite number >= 0 (0: not recorded), "
+                f"got {self.mean_token_norm!r}"
+            )
+        if self.steps is not None and any(s < 0 for s in self.steps):
+            raise ValueError(f"{type(self).__name__}.steps must be step indices >= 0, got {self.steps!r}")
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
+            raise ValueError(
+                f"{type(self).__name__}.resolution must be (height, width) in pixels, got {self.resolution!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists; `from_dict` turns them back)."""
@@ -167,17 +190,94 @@ class DictionaryConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown {cls.LABEL} config keys {unknown}; known keys: {sorted(names)}")
-        missing = sorted(f.name for f in fields if f.name not in d and _required(f))
+        missing = sorted(f.name for f in fields if f.name not in d and (_required(f) or f.name == "site"))
         if missing:
-            raise ValueError(f"{cls.LABEL} config lacks required keys {missing}")
-        for key in ("steps", "resolution"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
+            raise ValueError(
+                f"{cls.LABEL} config lacks required keys {missing}"
+                + (" (a dictionary says which site it reads, e.g. \"site\": \"transformer_blocks.3.image\")"
+                   if "site" in missing else "")
+            )
         return cls(**d)
 
 
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        plural = {int: "integers", float: "finite numbers", str: "strings"}
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural.get(args[0], args[0])}"
+        return f"a list of {len(args)} {plural.get(args[0], args[0])}"
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False",
+             dict: "a JSON object", type(None): "null"}  # fmt: skip
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+_MISMATCH = object()
+
+
+def _typed(hint, value):
+    """`value` as the type `hint` names (a list for a tuple, an integral number for an int), or _MISMATCH."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            out = _typed(arg, value)
+            if out is not _MISMATCH:
+                return out
+        return _MISMATCH
+    if hint is type(None):
+        return None if value is None else _MISMATCH
+    if origin is Literal:
+        same = any(value == a and type(value) is type(a) for a in typing.get_args(hint))
+        return value if same else _MISMATCH
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        args = typing.get_args(hint)
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            return _MISMATCH
+        out = tuple(_typed(h, v) for h, v in zip(items, value, strict=True))
+        return _MISMATCH if any(v is _MISMATCH for v in out) else out
+    if hint is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return int(value) if ok else _MISMATCH
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _MISMATCH
+    if hint is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if hint is dict:
+        return value if isinstance(value, dict) else _MISMATCH
+    return value
+
+
+def check_field_types(cfg) -> None:
+    """Raise ValueError naming the first field of dataclass `cfg` whose value is not of its annotated type
+    (an int field holding "4", a tuple field holding the string "0-7", a float field holding NaN); lists
+    in tuple fields become tuples and integral numbers in int fields ints."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        hint = _hints(type(cfg))[f.name]
+        typed = _typed(hint, value)
+        if typed is _MISMATCH:
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be {_describe(hint)}, got {value!r}")
+        if typed is not value:
+            object.__setattr__(cfg, f.name, typed)
 
 
 def check_positive_ints(cfg, names: tuple[str, ...], low: int = 1) -> None:
@@ -260,8 +360,41 @@ class Dictionary(torch.nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> Dictionary:
+    def load(
+        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", *, site: str | None = None
+    ) -> Dictionary:
+        """Read a folder written by `save`; `site`: refuse it unless it holds that site's dictionary."""
         raise NotImplementedError
+
+    def _save_folder(self, folder: str | os.PathLike, write: Callable[[Path], None]) -> None:
+        """Write this dictionary's site folder with `write(tmp)`, whole, into a temporary folder beside
+        `folder` that then replaces it in one step (`fluxsae.fileio.atomic_path`): a kill or a full disk
+        leaves the old folder or the new one, never a mix of the two. Files of the old folder this save
+        does not write (e.g. feature_stats.safetensors) are kept. Refuses a file in the way, a folder
+        holding another kind of dictionary, and a folder named after another site."""
+        folder = Path(folder)
+        label = self.CONFIG.LABEL
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is a file; save the {label} into a folder (one per site)")
+        cfg_path = folder / CFG_FILE
+        if cfg_path.is_file():
+            try:
+                other = json.loads(cfg_path.read_text()).get("architecture", self.CONFIG.ARCHITECTURE)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                other = self.CONFIG.ARCHITECTURE  # a broken file of ours: replace it
+            if other != self.CONFIG.ARCHITECTURE and other in _known_architectures():
+                raise FileExistsError(
+                    f"{cfg_path} belongs to a {other!r} dictionary; save the {label} into a folder of its "
+                    "own (one dictionary type per folder, e.g. a separate repo or root for each kind)"
+                )
+        named = _site_name(folder.name)
+        if named is not None and self.site and named != (_site_name(self.site) or self.site):
+            raise ValueError(
+                f"{folder} is named after site {folder.name!r} but this {label} reads {self.site!r}; it "
+                f"would not load from there. Save it to a folder named {self.site}"
+            )
+        with atomic_path(folder, is_dir=True, carry=lambda name: name not in DICTIONARY_FILES) as tmp:
+            write(tmp)
 
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
@@ -286,8 +419,11 @@ def folder_architecture(folder: str | os.PathLike) -> str:
     return str(read_json(Path(folder) / CFG_FILE, "").get("architecture", ""))
 
 
-def load_folder(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Dictionary:
-    """Load the dictionary in a site folder, whatever its kind (read from its cfg.json)."""
+def load_folder(
+    folder: str | os.PathLike, device: torch.device | str = "cpu", *, site: str | None = None
+) -> Dictionary:
+    """Load the dictionary in a site folder, whatever its kind (read from its cfg.json); `site`: refuse
+    it unless it holds that site's dictionary."""
     kind = folder_architecture(folder)
     classes = _known_architectures()
     if kind not in classes:
@@ -295,19 +431,35 @@ def load_folder(folder: str | os.PathLike, device: torch.device | str = "cpu") -
             f"{Path(folder) / CFG_FILE}: unknown architecture {kind!r}; this fluxsae reads "
             f"{sorted(classes)} (upgrade fluxsae if the folder is newer)"
         )
-    return classes[kind].load(folder, device=device)
+    return classes[kind].load(folder, device=device, site=site)
 
 
 # -- reading files ---------------------------------------------------------------------------------
 
 
+def missing_file(path: Path) -> str:
+    """What is wrong when `path` is not a file: no folder, a folder where the file should be, no file
+    (and where an interrupted save left the previous folder, if it did)."""
+    if path.is_dir():
+        return "this is a folder, not a file"
+    folder = path.parent
+    if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*/{folder.name}")) if folder.name else []
+        if aside:
+            return (
+                f"the folder does not exist, but an interrupted save left the previous one at {aside[-1]}: "
+                f"move it back to {folder}, or save again"
+            )
+        return "the folder does not exist"
+    return "the file is missing"
+
+
 def read_json(path: Path, redo: str) -> dict:
     """The JSON object in `path`, or DictionaryLoadError saying what is wrong with the file."""
     if not path.is_file():
-        where = "the folder does not exist" if not path.parent.is_dir() else "the file is missing"
         raise DictionaryLoadError(
-            f"{path}: {where}. A dictionary folder holds {CFG_FILE} and its weights (the dictionary's "
-            "save() writes both); check the path and the site name"
+            f"{path}: {missing_file(path)}. A dictionary folder holds {CFG_FILE} and its weights (the "
+            "dictionary's save() writes both); check the path and the site name"
         )
     try:
         raw = json.loads(path.read_text())
@@ -318,13 +470,47 @@ def read_json(path: Path, redo: str) -> dict:
     return raw
 
 
-def read_config(path: Path, cls: type[DictionaryConfig], redo: str):
-    """`cls.from_dict` of the JSON in `path`, every failure as a DictionaryLoadError naming the file."""
+def read_config(path: Path, cls: type[DictionaryConfig], redo: str, site: str | None = None):
+    """`cls.from_dict` of the JSON in `path`, every failure as a DictionaryLoadError naming the file.
+
+    The config's site must be the folder's name when the folder is named after a site, and `site` when
+    one is asked for: a folder renamed, or copied under another site's name, would otherwise load (and
+    steer) the wrong block."""
     raw = read_json(path, redo)
     try:
-        return cls.from_dict(raw)
+        cfg = cls.from_dict(raw)
     except (ValueError, TypeError) as err:
         raise DictionaryLoadError(f"{path}: {err}") from err
+    check_site(path, cfg.site, site)
+    return cfg
+
+
+def _site_name(text: str) -> str | None:
+    """`text` as a canonical site string, or None if it is not one."""
+    from fluxsae.sites import parse_site
+
+    try:
+        return str(parse_site(text))
+    except (ValueError, TypeError):
+        return None
+
+
+def check_site(path: Path, recorded: str, requested: str | None = None) -> None:
+    """DictionaryLoadError unless the site a dictionary's config records (`recorded`, in `path`) is the
+    one asked for and the one its folder is named after (when it is named after a site)."""
+    own = _site_name(recorded) or recorded
+    folder = path.parent.name
+    if _site_name(folder) is not None and _site_name(folder) != own:
+        raise DictionaryLoadError(
+            f"{path}: says site {recorded!r} but its folder is named after {folder!r}; the folder was "
+            f"renamed or the files copied into another site's folder. Put them in a folder named {own} "
+            "(or fix the config's site if the folder's name is right)"
+        )
+    if requested is not None and (_site_name(str(requested)) or str(requested)) != own:
+        raise DictionaryLoadError(
+            f"{path}: holds the dictionary of site {recorded!r}, not of the requested {str(requested)!r}; "
+            "pass that site, or the folder that holds it"
+        )
 
 
 def read_tensors(
@@ -341,7 +527,7 @@ def read_tensors(
     DictionaryLoadError naming the file, the problem and what to do (`redo`); `said[name]` tells where a
     tensor's expected shape comes from (e.g. "cfg.json says n_features=2048 x d_in=128")."""
     if not path.is_file():
-        raise DictionaryLoadError(f"{path}: the file is missing (its {CFG_FILE} is there); {redo}")
+        raise DictionaryLoadError(f"{path}: {missing_file(path)} (its {CFG_FILE} is there); {redo}")
     try:
         tensors, meta = load_tensors(path)
     except Exception as err:  # safetensors raises its own error types for torn files

@@ -34,8 +34,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fluxsae.dictionary import CFG_FILE, Dictionary, DictionaryLoadError, load_folder
-from fluxsae.fileio import load_tensors, save_tensors, write_json
+from fluxsae.dictionary import CFG_FILE, DICTIONARY_FILES, Dictionary, DictionaryLoadError, load_folder
+from fluxsae.fileio import atomic_path, load_tensors, save_tensors, write_json
 from fluxsae.sae import SAEConfig, TopKSAE
 from fluxsae.sites import parse_site
 
@@ -339,8 +339,18 @@ def export_sae(
         name: getattr(folded, name).detach().to("cpu", torch.float32)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec")
     }
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; export_sae writes a folder (one per hookpoint)")
     c = sae.cfg
     own = c.to_dict()
+    # Both files go into a temporary folder that replaces `folder` in one step: a kill or a full disk
+    # leaves the old export or the new one, never new weights beside an old cfg.json.
+    with atomic_path(folder, is_dir=True, carry=lambda name: name not in DICTIONARY_FILES) as tmp:
+        _export(format, tmp, w, c, own)
+    return folder
+
+
+def _export(format: str, folder: Path, w: dict[str, Tensor], c: SAEConfig, own: dict) -> None:
     if format == "sparsify":
         save_tensors(
             folder / SPARSIFY_WEIGHTS,
@@ -393,4 +403,3 @@ def export_sae(
             },
         }
     write_json(folder / CFG_FILE, json.loads(json.dumps(cfg)))
-    return folder

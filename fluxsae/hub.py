@@ -53,23 +53,26 @@ def available_sites(folder: Path, weights: str) -> list[str]:
 
 
 def site_folder(
-    name_or_path: str | os.PathLike, site: str, weights: str, revision: str | None = None
-) -> Path:
+    name_or_path: str | os.PathLike, site: str, weights: str, revision: str | None = None,
+    loader: str | None = None,
+) -> Path:  # fmt: skip
     """The local folder holding `<site>/cfg.json` and `<site>/<weights>` for a dictionary source.
 
     `name_or_path`: a release's short name ("shapes", see fluxsae.releases), a local repo folder (with one
     sub-folder per site), a site folder itself, or a Hub repo id ("user/name"). `weights`: the file that
     marks the wanted kind ("sae.safetensors", "itda.safetensors"); a folder of the same kind in another
-    library's format (fluxsae.formats) counts too.
+    library's format (fluxsae.formats) counts too. `loader`: the function the user called, for the
+    messages (default: the one of `weights`' kind).
     """
     site = str(parse_site(site))
+    loader = loader or _LOADERS.get(weights, "load_dictionary")
     source = str(name_or_path)
     release = get_release(source)
     if release is not None:
         method = _METHODS[weights]
         where, revision = resolve(source, method, revision)
         if release.dictionaries[method].local_path() is None:
-            root = _download(where, site, revision)
+            root = _download(where, site, revision, loader=loader)
         else:
             root = Path(where)
             if not root.is_dir():
@@ -82,7 +85,7 @@ def site_folder(
         if _holds(root, weights) and not (root / site).is_dir():
             return root  # a site folder itself
     else:
-        root = _download(source, site, revision)
+        root = _download(source, site, revision, loader=loader)
     folder = root / site
     if not _holds(folder, weights):
         have = available_sites(root, weights) or _listed_sites(root)
@@ -94,6 +97,7 @@ def site_folder(
 
 
 _METHODS = {"sae.safetensors": "sae", "itda.safetensors": "itda"}
+_LOADERS = {"sae.safetensors": "load_sae", "itda.safetensors": "load_itda"}
 
 
 def _holds(folder: Path, weights: str) -> bool:
@@ -128,7 +132,7 @@ def _load_site(folder: Path, site, kind: str, device):
 
     cls = _KINDS[kind]()
     if detect_format(folder) == "fluxsae":
-        return cls.load(folder, device=device)
+        return cls.load(folder, device=device, site=site)
     return _imported(folder, site, cls, device)
 
 
@@ -139,9 +143,12 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env
 
 
-def _download(repo_id: str, site: str, revision: str | None, repo_type: str = "model") -> Path:
+def _download(
+    repo_id: str, site: str, revision: str | None, repo_type: str = "model", *, loader: str = "load_sae"
+) -> Path:
     """Download `<site>/*` and the root config.json of a Hub repo (or find them in the cache offline);
-    DictionaryNotFoundError naming the repo, the site, the revision and what to do otherwise."""
+    DictionaryNotFoundError naming the repo, the site, the revision and what to do otherwise (`loader`:
+    the function the user called, named in the offline hint)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -179,7 +186,7 @@ def _download(repo_id: str, site: str, revision: str | None, repo_type: str = "m
         if _offline():
             hint = (
                 f"HF_HUB_OFFLINE is set and the cache holds no complete copy of {site}/ of {repo_id!r}{at}: "
-                f"download it once online with {get} (or load_sae(...) without HF_HUB_OFFLINE), then retry."
+                f"download it once online with {get} (or {loader}(...) without HF_HUB_OFFLINE), then retry."
             )
         else:
             hint = (
@@ -207,7 +214,7 @@ def _release_names() -> list[str]:
     return list(RELEASES)
 
 
-def _direct_folder(name_or_path, site: str | None, revision) -> Path | None:
+def _direct_folder(name_or_path, site: str | None, revision, loader: str = "load_dictionary") -> Path | None:
     """A folder to load as it is, or None for fluxsae's repo layout (then `site_folder` finds the site):
     a folder in another library's format (fluxsae.formats), or a site folder given without a site. A
     foreign hookpoint ("layers.5") is a folder name, not a FLUX site, and is downloaded as such."""
@@ -225,7 +232,7 @@ def _direct_folder(name_or_path, site: str | None, revision) -> Path | None:
         return None
     if site is None or _is_site(site):
         return None  # a Hub repo in the fluxsae layout: site_folder downloads it
-    folder = _download(source, site, revision) / site
+    folder = _download(source, site, revision, loader=loader) / site
     if not folder.is_dir():
         raise DictionaryNotFoundError(f"The Hub repo {source!r} has no folder {site!r}.")
     return folder
@@ -282,7 +289,7 @@ def _weights_of(name_or_path: str | os.PathLike, site: str, method: Method | Non
             )
         return _WEIGHTS[next(iter(release.dictionaries))]
     # A Hub repo holds one kind (one cfg.json per site); fetch the site and look.
-    root = _download(str(name_or_path), str(parse_site(site)), revision)
+    root = _download(str(name_or_path), str(parse_site(site)), revision, loader="load_dictionary")
     return _weights_of(root, site, None, revision)
 
 
@@ -304,7 +311,7 @@ def load_dictionary(
     from fluxsae.dictionary import load_folder
     from fluxsae.formats import detect_format, import_dictionary
 
-    foreign = _direct_folder(name_or_path, site, revision)
+    foreign = _direct_folder(name_or_path, site, revision, "load_dictionary")
     if foreign is not None:
         d = import_dictionary(foreign, site=site, device=device)
         if method is not None and not isinstance(d, _KINDS[method]()):
@@ -313,9 +320,9 @@ def load_dictionary(
     if site is None:
         raise TypeError("load_dictionary needs site=..., e.g. site='transformer_blocks.3.image'.")
     weights = _weights_of(name_or_path, site, method, revision)
-    folder = site_folder(name_or_path, site, weights, revision)
+    folder = site_folder(name_or_path, site, weights, revision, loader="load_dictionary")
     if detect_format(folder) == "fluxsae":
-        return load_folder(folder, device=device)
+        return load_folder(folder, device=device, site=site)
     return _imported(folder, site, _KINDS[_METHODS[weights]](), device)
 
 
@@ -343,7 +350,7 @@ def load_sae(name_or_path: str | os.PathLike = SHAPES, site: str | None = None, 
         sae = fluxsae.load_sae("shapes", site="transformer_blocks.3.image")
         sae = fluxsae.load_sae("EleutherAI/sae-repo", site="layers.5", revision="<commit>")
     """
-    foreign = _direct_folder(name_or_path, site, revision)
+    foreign = _direct_folder(name_or_path, site, revision, "load_sae")
     if foreign is not None:
         return _imported(foreign, site, _sae_class(), device)
     if site is None:
@@ -383,7 +390,7 @@ def load_itda(name_or_path: str | os.PathLike = SHAPES, site: str | None = None,
 
         itda = fluxsae.load_itda("shapes", site="transformer_blocks.3.image")
     """
-    foreign = _direct_folder(name_or_path, site, revision)
+    foreign = _direct_folder(name_or_path, site, revision, "load_itda")
     if foreign is not None:
         return _imported(foreign, site, _itda_class(), device)
     if site is None:

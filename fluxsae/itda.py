@@ -21,7 +21,6 @@ Format version 2 added `center` and the `bias` tensor; version 1 files (raw atom
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -40,11 +39,12 @@ from fluxsae.dictionary import (
     ForwardOutput,
     SparseCode,
     check_positive_ints,
+    missing_file,
     read_config,
     read_tensors,
     register,
 )
-from fluxsae.fileio import atomic_path, save_tensors, write_json
+from fluxsae.fileio import save_tensors, write_json
 from fluxsae.pursuit import combine, pursuit
 
 ATOMS_FILE, PROVENANCE_FILE = "itda.safetensors", "atoms.parquet"
@@ -248,35 +248,28 @@ class ITDA(Dictionary):
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write folder/cfg.json, folder/itda.safetensors (atoms [n, d] and bias [d], float32) and
-        folder/atoms.parquet, each atomically. Refuses to overwrite another dictionary type's cfg.json
-        (e.g. an SAE's)."""
-        folder = Path(folder)
-        cfg_path = folder / CFG_FILE
-        if cfg_path.is_file():
-            try:
-                other = json.loads(cfg_path.read_text()).get("architecture", "itda")
-            except (json.JSONDecodeError, AttributeError):
-                other = "itda"  # a broken file of ours: replace it
-            if other != "itda":
-                raise FileExistsError(
-                    f"{cfg_path} belongs to a {other!r} dictionary; save the ITDA into a folder of its own "
-                    "(one dictionary type per folder, e.g. a separate repo or root for ITDAs)"
-                )
+        folder/atoms.parquet. The folder is replaced as a whole, in one step (`Dictionary._save_folder`):
+        a kill or a full disk leaves the old ITDA or the new one, never the old atoms with the new
+        provenance. Refuses to overwrite another dictionary type's folder (e.g. an SAE's)."""
         pq = _pyarrow("parquet")
-        with atomic_path(folder / PROVENANCE_FILE) as tmp:
-            pq.write_table(self.provenance_table(), str(tmp))
-        save_tensors(
-            folder / ATOMS_FILE,
-            {"atoms": self.atoms.float(), "bias": self.bias.float()},
-            {"format_version": ITDAConfig.FORMAT_VERSION},
-        )
-        write_json(cfg_path, self.cfg.to_dict())
+        table = self.provenance_table()
+        tensors = {"atoms": self.atoms.float(), "bias": self.bias.float()}
+
+        def write(tmp: Path) -> None:
+            pq.write_table(table, str(tmp / PROVENANCE_FILE))
+            save_tensors(tmp / ATOMS_FILE, tensors, {"format_version": ITDAConfig.FORMAT_VERSION})
+            write_json(tmp / CFG_FILE, self.cfg.to_dict())
+
+        self._save_folder(folder, write)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> ITDA:
-        """Read a folder written by `save`. Raises DictionaryLoadError naming the file and the problem."""
+    def load(
+        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", *, site: str | None = None
+    ) -> ITDA:
+        """Read a folder written by `save`. Raises DictionaryLoadError naming the file and the problem, also
+        when `site` is given and the folder holds another site's ITDA."""
         folder = Path(folder)
-        cfg = read_config(folder / CFG_FILE, ITDAConfig, _REDO)
+        cfg = read_config(folder / CFG_FILE, ITDAConfig, _REDO, site)
         atoms, bias = _read_atoms(folder / ATOMS_FILE, cfg)
         provenance = _read_provenance(folder / PROVENANCE_FILE, atoms.shape[0])
         return cls(cfg, atoms, provenance, bias).to(device).eval()
@@ -315,7 +308,7 @@ def _read_atoms(path: Path, cfg: ITDAConfig) -> tuple[Tensor, Tensor]:
 def _read_provenance(path: Path, n_atoms: int) -> dict[str, list]:
     if not path.is_file():
         raise DictionaryLoadError(
-            f"{path}: the file is missing; every ITDA atom needs its provenance row; {_REDO}"
+            f"{path}: {missing_file(path)}; every ITDA atom needs its provenance row; {_REDO}"
         )
     pq = _pyarrow("parquet")
     try:

@@ -217,7 +217,7 @@ class ITDABuilder:
         if self.bias is not None:
             tensors["bias"] = self.bias
         meta = {"cfg": self.cfg.to_dict(), "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen,
-                "format_version": ITDAConfig.FORMAT_VERSION}  # fmt: skip
+                "format_version": ITDAConfig.FORMAT_VERSION, "kind": "itda"}  # fmt: skip
         save_tensors(path, tensors, meta)
 
     @classmethod
@@ -225,10 +225,14 @@ class ITDABuilder:
         """Inverse of `save`."""
         try:
             tensors, meta = load_tensors(path)
+            if meta.get("kind", "itda") != "itda":
+                raise ValueError(f"it is the checkpoint of a {meta['kind']!r} run")
             builder = cls(ITDAConfig.from_dict(meta["cfg"]), device)
         except Exception as err:
             raise DictionaryLoadError(
-                f"{path}: not a readable ITDA build checkpoint ({err}); delete it to start over"
+                f"{path}: not an ITDA build checkpoint ({type(err).__name__}: {err}). If the folder is "
+                "another run's (an SAE training's), use another work folder; if it is this build's, delete "
+                "the file to start the build over"
             ) from err
         builder.atoms = tensors["atoms"].to(device)
         if "bias" in tensors:

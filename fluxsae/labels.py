@@ -317,15 +317,35 @@ def load_labels(
         raise
     except Exception as err:  # datasets raises its own types for missing repos, offline misses, bad configs
         if local:
+            # datasets names no file: find the shard it could not read (a torn copy, a full disk)
+            import pyarrow.parquet as pq
+
+            for shard in sorted(Path(source).rglob("*.parquet")):
+                try:
+                    pq.read_metadata(shard)
+                except Exception as bad:  # pyarrow raises ArrowInvalid / OSError for torn files
+                    raise ValueError(
+                        f"{shard}: not a readable parquet file ({bad}), so the label dataset {source} does "
+                        "not load; write the dataset again (fluxsae.labels.write_labels, `python -m "
+                        "training.autointerp`) or download it again."
+                    ) from err
             raise
+        if not _looks_like_hub_id(source):
+            raise LabelsNotFoundError(
+                f"{source}: no such folder, and not a Hub dataset id (user/name) either; check the path "
+                "(a label dataset folder holds README.md and data/)."
+            ) from err
         from fluxsae.hub import _offline
 
+        here = "" if Path(source).exists() else f" (there is no folder {source} here either)"
         hint = (
             f"HF_HUB_OFFLINE is set: download it once online (`hf download {source} --repo-type dataset`)."
             if _offline()
             else "Check the dataset id and your network (private datasets need `hf auth login`)."
         )
-        raise LabelsNotFoundError(f"Could not load the label dataset {source!r}: {hint} ({err})") from err
+        raise LabelsNotFoundError(
+            f"Could not load the label dataset {source!r}{here}: {hint} ({err})"
+        ) from err
     if config in ("labels", "default"):
         ds = _with_new_columns(ds)
     if config == "images" or (site is None and method is None):

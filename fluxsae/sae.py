@@ -482,24 +482,37 @@ class TopKSAE(Dictionary):
     def save(self, folder: str | os.PathLike) -> None:
         """Write folder/sae.safetensors (weights with the normalisation folded in) and folder/cfg.json.
 
-        Each file is replaced atomically; other files in the folder (e.g. an ITDA) are left alone.
+        The folder is replaced as a whole, in one step (`Dictionary._save_folder`): a kill or a full disk
+        leaves the old SAE or the new one. Other files in it (feature statistics) are kept.
         """
-        folder = Path(folder)
         folded = self.fold_normalization() if self._norm_kind != "identity" else self
         tensors = {name: getattr(folded, name) for name in WEIGHT_SHAPES}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise ValueError(
+                f"This SAE's weights hold NaN/inf (training diverged), so it would not load; not saved to "
+                f"{folder}. Train again with a lower learning rate"
+            )
         meta = {"format_version": SAEConfig.FORMAT_VERSION}
-        if self.cfg.batch_topk:
-            self.cfg = dataclasses.replace(self.cfg, threshold=float(self.threshold))
-        save_tensors(folder / WEIGHTS_FILE, tensors, metadata=meta)
-        write_json(folder / CFG_FILE, self.cfg.to_dict())
+        cfg = self.cfg
+        if cfg.batch_topk:
+            cfg = dataclasses.replace(cfg, threshold=float(self.threshold))
+
+        def write(tmp: Path) -> None:
+            save_tensors(tmp / WEIGHTS_FILE, tensors, metadata=meta)
+            write_json(tmp / CFG_FILE, cfg.to_dict())
+
+        self._save_folder(folder, write)
+        self.cfg = cfg
 
     @classmethod
     def load(
-        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-    ) -> TopKSAE:
-        """Read a folder written by `save`; returns the SAE in eval mode. Raises DictionaryLoadError."""
+        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+        *, site: str | None = None,
+    ) -> TopKSAE:  # fmt: skip
+        """Read a folder written by `save`; returns the SAE in eval mode. Raises DictionaryLoadError,
+        also when `site` is given and the folder holds another site's SAE."""
         folder = Path(folder)
-        cfg = read_config(folder / CFG_FILE, SAEConfig, _REDO)
+        cfg = read_config(folder / CFG_FILE, SAEConfig, _REDO, site)
         shapes = {name: tuple(getattr(cfg, dim) for dim in dims) for name, dims in WEIGHT_SHAPES.items()}
         said = {
             name: f"{CFG_FILE} says " + " x ".join(f"{dim}={getattr(cfg, dim)}" for dim in dims)

@@ -79,6 +79,10 @@ cfg_pass="cond" it costs 1.07x a plain generation instead of 1.13x, at the same 
 DEFAULT_CFG_PASS: CfgPass = "both"
 """With true CFG (`true_cfg_scale > 1`), which transformer pass is steered. Steering only "cond"
 turns more (33% vs 20% at strength 2) but breaks the object (kept 27% vs 77%)."""
+MAX_NORM_RATIO: float = 1000.0
+"""An "add" plan refuses, at the generation's first step, a mean_token_norm more than this many times
+larger or smaller than the norm of the tokens it steers: strengths are in its units, so such a dictionary
+(a corrupt cfg, another model's) would blow the image up into NaN or do nothing."""
 MAX_STRENGTH: float = 100.0
 """Largest |strength| accepted, in mean token norms (add), and the largest change a clamp may make
 (|value - 0| x the feature's decoder row norm, in mean token norms). A token's own norm is ~1 on
@@ -139,6 +143,7 @@ class _Plan:
     dictionary: object
     region: torch.Tensor | None  # long token indices, or None for every token
     n_tokens: int | None  # the image token count `region` was made for
+    mean_token_norm: float  # the unit of strength
 
     @property
     def is_noop(self) -> bool:
@@ -209,6 +214,12 @@ def _mean_token_norm(dictionary, override: float | None) -> float:
             f"The dictionary at {dictionary.site} records no mean token norm (cfg.mean_token_norm={m}): "
             "pass mean_token_norm=..., measured as captured tokens' .norm(dim=-1).mean()."
         )
+    if not math.isfinite(m * MAX_STRENGTH * MAX_NORM_RATIO):
+        raise ValueError(
+            f"mean_token_norm={m:g} of the dictionary at {dictionary.site} is not a token norm (steering by "
+            "it would overflow); its cfg.json is damaged or from another model: pass mean_token_norm=..., "
+            "measured as captured tokens' .norm(dim=-1).mean()."
+        )
     return m
 
 
@@ -232,7 +243,21 @@ def _token_grid(pipe, height: int | None, width: int | None) -> tuple[int, int, 
 
 def _bool_mask(region) -> torch.Tensor:
     """A region as a bool tensor on the CPU: bool, or integers that are all 0 or 1."""
-    mask = region.detach().cpu() if isinstance(region, torch.Tensor) else torch.as_tensor(np.asarray(region))
+    if isinstance(region, (str, bytes)) or not isinstance(region, (torch.Tensor, np.ndarray, Sequence)):
+        raise ValueError(
+            f"region must be a bool mask (a tensor, array or nested list: the token grid, or a pixel mask), "
+            f"got {region!r} ({type(region).__name__}); e.g. a [rows, cols] mask with True on the tokens to "
+            "steer, or fluxsae.steering.region_mask."
+        )
+    try:
+        if isinstance(region, torch.Tensor):
+            mask = region.detach().cpu()
+        else:
+            mask = torch.as_tensor(np.asarray(region))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"region must be a bool mask, got a {type(region).__name__} that is not one ({e})."
+        ) from e
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
@@ -335,7 +360,7 @@ def _plan(pipe, dictionary, features, mode, region, height, width, mean_token_no
     if region is not None:
         text = site.stream == "text"
         tokens, n_tokens = _text_tokens(region) if text else _region_tokens(region, pipe, height, width)
-    return _Plan(site, mode, ids, targets, rows, dictionary, tokens, n_tokens)
+    return _Plan(site, mode, ids, targets, rows, dictionary, tokens, n_tokens, m)
 
 
 def _edit(plan: _Plan):
@@ -361,8 +386,24 @@ def _edit(plan: _Plan):
                 "pass steer the height= and width= of the generation."
             )
 
+    def check_norm(h: torch.Tensor) -> None:
+        """Once: the unit of strength must be of the order of the tokens it moves."""
+        if "norm" in cache:
+            return
+        actual = float(h.detach().float().norm(dim=-1).mean())
+        cache["norm"] = actual
+        m = plan.mean_token_norm
+        if actual > 0 and not 1 / MAX_NORM_RATIO <= m / actual <= MAX_NORM_RATIO:
+            raise ValueError(
+                f"The dictionary at {plan.site} says its tokens' mean norm is {m:.4g}, but this "
+                f"generation's tokens there have a mean norm of {actual:.4g}: strengths are in units of the "
+                f"former, so the edit would {'blow the image up' if m > actual else 'do nothing'}. Its "
+                "cfg.json is damaged or from another model or resolution: pass mean_token_norm=..."
+            )
+
     def add(h: torch.Tensor, step: int) -> torch.Tensor:
         check(h)
+        check_norm(h)
         key = (h.device, h.dtype)
         if key not in cache:
             cache[key] = (plan.targets @ plan.rows).to(device=h.device).to(h.dtype)
@@ -454,7 +495,11 @@ def steer(
     Raises ValueError (SiteError, DictionaryMismatchError) before anything is hooked for: unknown
     feature ids, an empty features dict, a site the pipeline lacks, another base model or width, a
     region of the wrong shape (an image mask at a text site, or the reverse), NaN/inf strengths or
-    |strength| > MAX_STRENGTH, a bad mode, cfg_pass or steps. All-zero strengths change nothing, bit for bit.
+    |strength| > MAX_STRENGTH, a bad mode, cfg_pass or steps, a mean_token_norm that is not a number a
+    token could have. What only the generation knows raises ValueError at its first step, before any
+    edit, with the hooks then removed: steps it does not have (steps=[100] on 8 steps), and a
+    mean_token_norm more than MAX_NORM_RATIO times off the norm of the tokens steered ("add").
+    All-zero strengths change nothing, bit for bit.
     """
     if isinstance(dictionary, (list, tuple)):
         if features is not None:
@@ -483,19 +528,32 @@ def steer(
                 continue
             fn = _edit(plan)
             here = DEFAULT_TEXT_STEPS if by_default and plan.site.stream == "text" else keep
-            if isinstance(here, slice):
-                fn = _on_slice(pipe, here, fn)
-            stack.enter_context(edit_site(pipe, plan.site, fn, None if isinstance(here, slice) else here,
-                                          cfg_pass=cfg_pass))
+            if here is not None:
+                fn = _on_steps(pipe, here, fn)
+            stack.enter_context(edit_site(pipe, plan.site, fn, None, cfg_pass=cfg_pass))
         yield
 
 
-def _on_slice(pipe, steps: slice, fn):
-    """Apply `fn` only on the steps in range(number of steps)[steps] of the running generation."""
+def _on_steps(pipe, steps: frozenset[int] | slice, fn):
+    """Apply `fn` only on `steps` of the running generation (a slice: range(number of steps)[steps]).
+    Steps the generation does not have raise ValueError at its first step: a silent no-op would look
+    like a feature that does nothing."""
 
     def edit(h: torch.Tensor, step: int) -> torch.Tensor:
         # FluxPipeline sets the scheduler's timesteps before the first transformer call.
-        total = len(getattr(pipe.scheduler, "timesteps", ()))
-        return fn(h, step) if step in range(total)[steps] else h
+        timesteps = getattr(pipe.scheduler, "timesteps", None)
+        total = len(timesteps) if timesteps is not None else 0
+        if not total:  # no scheduler to ask: steer the steps asked for
+            return fn(h, step) if isinstance(steps, frozenset) and step in steps else h
+        chosen = range(total)[steps] if isinstance(steps, slice) else steps
+        outside = [] if isinstance(steps, slice) else sorted(s for s in steps if s >= total)
+        if outside or not chosen:
+            what = f"steps {outside}" if outside else f"steps={steps}"
+            raise ValueError(
+                f"{what} {'are' if outside else 'selects no step'} outside this generation's {total} "
+                f"denoising steps (0-{total - 1}); pass steps within range(num_inference_steps), or a "
+                "slice such as slice(-4, None) (the last four, whatever the number of steps)."
+            )
+        return fn(h, step) if step in chosen else h
 
     return edit

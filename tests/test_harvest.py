@@ -211,3 +211,56 @@ def test_prompts_from_a_dataset_column(model_dir, tmp_path):
     assert store.config["prompt_source"] == str(data) and store.config["column"] == "caption_llava_short"
     with pytest.raises(SystemExit, match="no column 'text'"):
         harvest.main([*args, "--column", "text", "--out", str(tmp_path / "h2")])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompts-per-shard", "0"], "--prompts-per-shard must be an integer >= 1, got 0"),
+        (["--prompts-per-shard=-1"], "--prompts-per-shard must be an integer >= 1, got -1"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--steps", "abc"], "--steps abc: 'abc' is not a step or a range of steps"),
+        (["--steps=-1"], "--steps -1: '-1' is not a step"),
+        (["--steps", "5-2"], "--steps 5-2: 5-2 is an empty range; write 2-5"),
+        (["--threads=-1"], "--threads must be an integer >= 1, got -1"),
+        (["--num-inference-steps", "0"], r"--num-inference-steps must be an integer in \[1, 1000\], got 0"),
+        (["--seed", str(2**70)], f"--seed must be an integer in \\[0, {2**62}\\], got {2**70}"),
+        (["--n-prompts", "0"], "--n-prompts must be an integer >= 1, got 0"),
+        (["--n-prompts=-5"], "--n-prompts must be an integer >= 1, got -5"),
+        (["--height", "100000"], r"--height must be an integer in \[8, 4096\], got 100000"),
+        (["--height", "36"], "--height 36 is not a multiple of 8 px.*use 32"),
+        (["--true-cfg-scale", "inf"], "--true-cfg-scale: 'inf' is not a finite number"),
+        (["--true-cfg-scale", "nan"], "--true-cfg-scale: 'nan' is not a finite number"),
+        (["--max-sequence-length", "0"], r"--max-sequence-length must be an integer in \[1, 512\], got 0"),
+        (["--prompts", "shapes", "--n-prompts", str(10**12)], "This harvest needs about .* of disk.*fewer"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_any_work(model_dir, prompt_file, tmp_path, extra,
+                                                               message):  # fmt: skip
+    with pytest.raises(SystemExit, match=message):
+        harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "h", *extra))
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_out_that_is_a_file_or_prompts_that_are_not_utf8_are_named(model_dir, prompt_file, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'file'} is a file; pass a folder"):
+        harvest.main(harvest_args(model_dir, prompt_file, tmp_path / "file"))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("a red circle\nun carré bleu\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"--prompts {latin} is not UTF-8 text \\(line 2.*save it as UTF-8"):
+        harvest.main(harvest_args(model_dir, latin, tmp_path / "h"))
+    assert not (tmp_path / "h").exists()
+
+
+def test_non_finite_activations_stop_the_harvest_naming_the_prompts(prompt_file, tmp_path):
+    pipe = tiny_flux_pipeline(seed=0)
+    with torch.no_grad():  # a model that overflows: one weight of block 0 is inf
+        next(pipe.transformer.transformer_blocks[0].ff.parameters()).view(-1)[0] = float("inf")
+    pipe.save_pretrained(tmp_path / "broken")
+    named = r"hold NaN/inf for prompt\(s\) 0: 'a red circle'; 1: 'a blue square'.*Their shard was not written"
+    with pytest.raises(SystemExit, match=named):
+        harvest.main(harvest_args(tmp_path / "broken", prompt_file, tmp_path / "h"))
+    assert not list((tmp_path / "h" / "shards").glob("*"))
+    with pytest.raises(ActivationStoreError, match="unfinished harvest"):
+        ActivationStore(tmp_path / "h")

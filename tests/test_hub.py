@@ -177,11 +177,8 @@ def test_publish_dry_run_then_load_is_bit_exact_for_every_packaged_dictionary(me
         ["model", f"fluxsae/shapes-{method}", "--from", str(PACKAGED / method), "--dry-run", str(out)]
     )
     card = (out / "README.md").read_text()
-    assert (
-        "library_name: fluxsae" in card
-        and "base_model: fluxsae/shapes" in card
-        and "| held-out FVU |" in card
-    )
+    # the Shapes model ships inside fluxsae and is published nowhere: the card names no base model
+    assert "library_name: fluxsae" in card and "base_model" not in card and "| held-out FVU |" in card
     packaged = sorted(p.parent.name for p in (PACKAGED / method).glob(f"*/{method}.safetensors"))
     assert set(SITES) <= set(packaged)  # the image sites; the SAEs also cover the text streams
     assert json.loads((out / "config.json").read_text())["sites"] == packaged
@@ -222,8 +219,12 @@ def test_publish_uploads_only_allow_listed_validated_files(hub, tmp_path):
     assert same(fluxsae.load_sae("me/tiny-saes", site=SITES[0]), TopKSAE.load(repo / SITES[0]))
 
     broken = tmp_path / "broken"
-    sae.save(broken / SITES[1])  # cfg.json says SITES[0]: a folder is named after its site
-    with pytest.raises(SystemExit, match="a site folder is named after its site"):
+    sae.save(broken / SITES[0])
+    with pytest.raises(ValueError, match="is named after site"):
+        sae.save(broken / SITES[1])  # refused: it would not load from there
+    (broken / SITES[0]).rename(broken / SITES[1])  # cfg.json says SITES[0]: a folder is named after its site
+    renamed = "says site 'transformer_blocks.3.image' but its folder is named after"
+    with pytest.raises(SystemExit, match=renamed):
         publish.main(["model", "me/x", "--from", str(broken), "--dry-run", str(tmp_path / "nope")])
 
 
@@ -299,13 +300,16 @@ def test_space_folder_is_assembled_the_same_way(tmp_path):
     publish.main(["space", "me/fluxsae-demo", "--dry-run", str(out)])
     files = set(files_of(out))
     assert {"app.py", "app_actions.py", "app_views.py", "app_panels.py", "app_words.py", "app_labels.py",
-            "requirements.txt", "README.md", ".gitattributes",
+            "app_images.py", "requirements.txt", "README.md", ".gitattributes",
             "fluxsae/__init__.py"} <= files  # fmt: skip
     assert "fluxsae/shapes/model/transformer/diffusion_pytorch_model.safetensors" in files
     assert f"fluxsae/shapes/dictionaries/sae/{SITES[0]}/sae.safetensors" in files
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
     meta = card_meta(out / "README.md")
-    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == ["fluxsae/shapes"]
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    assert meta["models"] == []  # the Shapes model ships inside fluxsae: no Hub id to name
+    pins = [r for r in (out / "requirements.txt").read_text().splitlines() if not r.startswith("#")]
+    assert pins and all("==" in r for r in pins)  # the versions CI tests, not whatever is newest
     assert meta["sdk_version"] and meta["python_version"] == "3.11"
     big = [f for f in files if (out / f).stat().st_size > publish.MAX_REGULAR_BYTES]
     assert big and all(f.endswith(publish.LFS_SUFFIXES) for f in big)  # the 14 MB transformer goes via LFS

@@ -548,3 +548,41 @@ def test_boolean_build_settings_have_on_and_off_flags():
     required = ["--acts", "h", "--site", SITE]
     assert config_from_args(build_cmd.BuildConfig, p.parse_args(required)).center is True
     assert config_from_args(build_cmd.BuildConfig, p.parse_args([*required, "--no-center"])).center is False
+
+
+def build_argv(acts, work, *extra):
+    return ["--acts", str(acts), "--site", SITE, "--work", str(work), "--k", "4", "--threshold", "0.3",
+            "--batch-size", "64", "--held-out", "0.3", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1, got 0"),
+        (["--eval-tokens", "0"], "--eval-tokens must be an integer >= 1, got 0"),
+        (["--k", "10000"], r"--k 10000 exceeds the width of transformer_blocks.1.image \(d_in=32\)"),
+        (["--held-out=-1"], r"--held-out must be a number in \[0, 1\), got -1.0"),
+        (["--threshold", "2"], r"--threshold must be a number in \(0, 1\], got 2.0"),
+        (["--prune-cosine", "nan"], "--prune-cosine: 'nan' is not a finite number"),
+        (["--site", "transformer_blocks.0.image"], "--acts .*was not harvested"),
+    ],
+)
+def test_build_settings_that_cannot_work_are_refused_before_any_work(harvested, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        build_cmd.main(build_argv(harvested, tmp_path / "work", "--out", str(tmp_path / "out"), *extra))
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_built_itda_is_never_replaced_by_another_build_unless_asked(harvested, tmp_path):
+    out = tmp_path / "out"
+    build_cmd.main(build_argv(harvested, tmp_path / "a", "--out", str(out)))
+    atoms = load_itda(out, site=SITE).atoms
+    with pytest.raises(SystemExit, match=r"already holds another 'itda' dictionary .*\(threshold differ\).*"
+                                         "--overwrite"):  # fmt: skip
+        build_cmd.main(build_argv(harvested, tmp_path / "b", "--out", str(out), "--threshold", "0.5"))
+    assert not (tmp_path / "b").exists() and torch.equal(load_itda(out, site=SITE).atoms, atoms)
+    build_cmd.main(build_argv(harvested, tmp_path / "a", "--out", str(out)))  # the same build again
+    build_cmd.main(build_argv(harvested, tmp_path / "b", "--out", str(out), "--threshold", "0.5",
+                              "--overwrite"))  # fmt: skip
+    assert load_itda(out, site=SITE).cfg.threshold == 0.5

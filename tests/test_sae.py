@@ -95,10 +95,10 @@ def test_config_json_round_trip():
         ({"matryoshka": [8, 4]}, "matryoshka must be increasing whole widths"),
         ({"matryoshka": [0, 8]}, "matryoshka must be increasing"),
         ({"matryoshka": [8, 32]}, "between 0 and n_features=32"),
-        ({"matryoshka": [8.5]}, "matryoshka must be increasing whole widths"),
+        ({"matryoshka": [8.5]}, "matryoshka must be a list of integers, got"),
         ({"batch_topk": 1}, "batch_topk must be True or False"),
         ({"threshold": -0.5}, "threshold must be a finite number >= 0"),
-        ({"threshold": float("nan")}, "threshold must be a finite number >= 0"),
+        ({"threshold": float("nan")}, "threshold must be a finite number, got nan"),
     ],
 )
 def test_config_errors_say_what_is_wrong(change, words):

@@ -295,6 +295,8 @@ BAD = {  # case: (make (dictionary, features) from the SAE, other steer argument
     "bad cfg pass": (lambda sae: (sae, {3: 1.0}), {"cfg_pass": "neither"}, "cfg_pass"),
     "clamp on plain directions": (lambda sae: (plain_directions(), {0: 0.0}), {"mode": "clamp"}, "encodes"),
     "not a dictionary": (lambda sae: (sae.directions, {0: 1.0}), {}, "Tensor has no directions"),
+    "a region named in words": (lambda sae: (sae, {3: 1.0}), {"region": "center"}, "must be a bool mask"),
+    "a token norm that overflows": (lambda sae: (sae, {3: 1.0}), {"mean_token_norm": 1e305}, "not a token norm"),
 }
 
 
@@ -307,6 +309,31 @@ def test_bad_input_raises_before_anything_runs(pipe, sae, case):
         with steer(pipe, dictionary, features, **kwargs):
             ran.append(True)
     assert not ran and no_hooks_left(pipe)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda sae: sae, {"steps": [100]}, r"steps \[100\] are outside this generation's 8"),
+        (lambda sae: sae, {"steps": slice(20, None)}, "selects no step"),
+        (lambda sae: damaged_norm(sae, 1e30), {}, "mean_token_norm"),
+        (lambda sae: damaged_norm(sae, 1e-6), {}, "mean_token_norm"),
+    ],
+    ids=["a step the run lacks", "a slice past the run", "a huge mean token norm", "a tiny one"],
+)  # fmt: skip
+def test_what_only_the_generation_knows_is_refused_at_its_first_step(pipe, sae, plain, make, kwargs, message):
+    """Steps past the run's end, and a mean token norm far off the steered tokens' (strength would blow the
+    image up into NaN), raise at the first step, before any edit; the next generation is the plain one."""
+    with pytest.raises(ValueError, match=message):
+        with steer(pipe, make(sae), {3: 1.0}, **kwargs):
+            image(pipe)
+    assert no_hooks_left(pipe) and np.array_equal(image(pipe), plain)
+
+
+def damaged_norm(sae, norm: float):
+    d = copy.copy(sae)
+    d.cfg = type(sae.cfg).from_dict({**sae.cfg.to_dict(), "mean_token_norm": norm})
+    return d
 
 
 def test_a_bad_entry_in_a_list_hooks_none_of_the_others(pipe, sae, plain):

@@ -140,11 +140,13 @@ def test_lr_decay_falls_linearly_over_the_last_share_of_steps_to_near_zero(acts,
     assert fluxsae.load_sae(tmp_path / "b", site=SITE).cfg.extra["training"]["lr_decay"] == 0.5
 
 
-@pytest.mark.parametrize("share", ["-0.1", "1.5", "nan"])
-def test_a_bad_lr_decay_is_refused_before_any_work(acts, tmp_path, share):
-    with pytest.raises(
-        SystemExit, match=r"--lr-decay is the share of the last steps that decay, in \[0, 1\]; got"
-    ):
+@pytest.mark.parametrize(
+    ("share", "message"),
+    [("-0.1", r"must be a number in \[0, 1\], got -0.1"), ("1.5", r"in \[0, 1\], got 1.5"),
+     ("nan", "'nan' is not a finite number")],
+)  # fmt: skip
+def test_a_bad_lr_decay_is_refused_before_any_work(acts, tmp_path, share, message):
+    with pytest.raises(SystemExit, match=f"--lr-decay.*{message}"):
         train_sae.main(train_args(acts, tmp_path / "work", "--lr-decay", share))
     assert not (tmp_path / "work").exists()
 
@@ -458,10 +460,10 @@ def test_scene_features_kept_apart_still_detect_the_scene(scene_world, tmp_path,
     [
         (["--scene-features", "8", "--batch-size", "72"], "not a multiple of the 16 tokens.*use e.g. 64"),
         (["--scene-features", "8", "--scene-offset", "124"], "must lie among the 128 features"),
-        (["--scene-features", "8", "--scene-weight", "-1"], "--scene-weight must be >= 0"),
-        (["--scene-features", "8", "--scene-decorrelation", "-1"], "--scene-decorrelation must be >= 0"),
+        (["--scene-features", "8", "--scene-weight", "-1"], "--scene-weight must be a number >= 0, got -1.0"),
+        (["--scene-features", "8", "--scene-decorrelation", "-1"], "--scene-decorrelation must be a number"),
         (["--scene-decorrelation", "1"], "in pairs: use --scene-features 2 or more"),
-        (["--scene-features", "8", "--scene-overlap", "-1"], "--scene-overlap must be >= 0"),
+        (["--scene-features", "8", "--scene-overlap", "-1"], "--scene-overlap must be a number >= 0"),
         (["--scene-features", "1", "--scene-overlap", "1"], "in pairs: use --scene-features 2 or more"),
     ],
 )
@@ -475,7 +477,7 @@ def test_bad_scene_settings_are_refused_before_any_work(acts, tmp_path, extra, m
     ("extra", "message"),
     [
         (["--matryoshka", "16,64", "--matryoshka-weights", "1"], r"width \(16,64\), got 1\."),
-        (["--matryoshka", "16", "--matryoshka-weights", "-1"], "one finite weight >= 0"),
+        (["--matryoshka", "16", "--matryoshka-weights", "-1"], "--matryoshka-weights must be a number >= 0"),
         (["--matryoshka-weights", "1"], r"per --matryoshka width \(none given\)"),
     ],
 )
@@ -562,3 +564,127 @@ def test_a_work_folder_of_an_older_version_resumes_and_other_settings_are_refuse
     assert json.loads((tmp_path / "train_config.json").read_text())["lr"] is None
     with pytest.raises(SystemExit, match=r"other settings \(k, lr differ from .*train_config.json\)"):
         claim(tmp_path, "train_config.json", dataclasses.replace(cfg, k=8, lr=1e-3))
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing wrong
+
+
+def short_args(acts, work, *extra):
+    """A 20-step run of the tiny harvest: enough to export an SAE."""
+    args = train_args(acts, work, *extra)
+    args[args.index("--tokens") + 1] = "1280"
+    return args
+
+
+def test_a_torn_metrics_line_left_by_a_full_disk_does_not_block_the_rerun(acts, tmp_path, monkeypatch):
+    work, out = tmp_path / "work", tmp_path / "out"
+    calls = []
+    real_step = train_sae.train_step
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:  # after the checkpoint at step 10 was written and rows were logged
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    args = short_args(acts, work, "--checkpoint-every", "10", "--log-every", "2", "--out", str(out))
+    monkeypatch.setattr(train_sae, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae.main(args)
+    monkeypatch.setattr(train_sae, "train_step", real_step)
+    metrics = work / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:-30])  # the last row cut short, as a full disk leaves it
+    train_sae.main(args)
+    assert fluxsae.load_sae(out, site=SITE).cfg.extra["training"]["tokens"] == 1280
+    assert (work / "curves.png").is_file()
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # the torn row was cut off before the rerun appended
+    assert json.loads(lines[-1])["eval_fvu"] > 0
+
+
+def test_a_log_row_that_cannot_be_written_leaves_no_half_row_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    import errno
+
+    from training import work as work_module
+
+    log = tmp_path / "metrics.jsonl"
+    work_module.append_jsonl(log, {"step": 1})
+    real_write = os.write
+
+    def full_disk(fd, data):
+        real_write(fd, data[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(work_module.os, "write", full_disk)
+    with pytest.raises(OSError, match=f"could not append a row to {log}"):
+        work_module.append_jsonl(log, {"step": 2, "fvu": 0.5})
+    monkeypatch.undo()
+    assert log.read_text() == '{"step": 1}\n'
+    log.write_text('{"step": 1}\n{"step": 2, "f\n{"step": 3}\n')  # a damaged row in the middle
+    with pytest.raises(ValueError, match=f"{log}, line 2: not a JSON row"):
+        work_module.read_jsonl(log)
+
+
+def test_out_is_never_replaced_by_another_run_unless_asked(acts, tmp_path):
+    out = tmp_path / "out"
+    train_sae.main(short_args(acts, tmp_path / "a", "--out", str(out)))
+    before = weights(out / SITE)
+    with pytest.raises(SystemExit, match=r"already holds another 'topk' dictionary \(n_features 128, k 4\), "
+                                         r"made with other settings \(k differ\).*--overwrite"):  # fmt: skip
+        train_sae.main(short_args(acts, tmp_path / "b", "--out", str(out), "--k", "2"))
+    assert not (tmp_path / "b").exists()  # refused before any work
+    assert all(torch.equal(v, before[k]) for k, v in weights(out / SITE).items())
+    train_sae.main(short_args(acts, tmp_path / "a", "--out", str(out)))  # the same run again: allowed
+    train_sae.main(short_args(acts, tmp_path / "b", "--out", str(out), "--k", "2", "--overwrite"))
+    assert fluxsae.load_sae(out, site=SITE).cfg.k == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tokens", "0"], "--tokens must be an integer >= 1, got 0"),
+        (["--tokens=-1"], "--tokens must be an integer >= 1, got -1"),
+        (["--tokens", "10"], "--tokens 10 is less than one step's batch of 64 tokens.*nothing would be"),
+        (["--batch-size=-1"], "--batch-size must be an integer >= 1, got -1"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--lr", "inf"], "--lr: 'inf' is not a finite number"),
+        (["--lr", "100"], r"--lr must be a number in \(0, 1\], got 100.0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1, got 0"),
+        (["--log-every", "0"], "--log-every must be an integer >= 1, got 0"),
+        (["--shards-in-memory", "0"], "--shards-in-memory must be an integer >= 1, got 0"),
+        (["--n-features", "1e9"], "--n-features: '1e9' is not an int"),
+        (["--n-features", str(10**9)], "Training 1000000000 features on d_in=32 needs about .* of memory"),
+        (["--n-features", "64", "--aux-k", "256"], "--aux-k 256 .* exceeds --n-features 64.*--aux-k 32"),
+        (["--k", "200"], "--k 200 exceeds --n-features 128"),
+        (["--held-out=-1"], r"--held-out must be a number in \[0, 1\), got -1.0"),
+        (["--matryoshka", "64,16"], "--matryoshka 64,16: the prefix widths must increase"),
+        (["--threads=-1"], "--threads must be an integer >= 1"),
+        (["--device", "cuda:7"], "--device cuda:7: this machine has"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_any_work(acts, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train_sae.main(train_args(acts, tmp_path / "work", "--out", str(tmp_path / "out"), *extra))
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_run_that_diverges_is_stopped_and_exports_nothing(acts, tmp_path):
+    with pytest.raises(SystemExit, match=r"(diverged|worse than predicting every token by the mean).*--lr"):
+        train_sae.main(short_args(acts, tmp_path / "work", "--out", str(tmp_path / "out"), "--lr", "1"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_sae_and_itda_work_folders_are_told_apart(acts, tmp_path):
+    train_sae.main(short_args(acts, tmp_path / "sae_work"))
+    with pytest.raises(SystemExit, match="is the folder of an SAE training run.*Pass another --work"):
+        build_cmd.main(["--acts", str(acts / "acts"), "--site", SITE, "--work", str(tmp_path / "sae_work")])
+    assert (tmp_path / "sae_work" / "checkpoint.safetensors").is_file()
+    itda_work = tmp_path / "itda_work"
+    build_cmd.main(["--acts", str(acts / "acts"), "--site", SITE, "--work", str(itda_work), "--k", "4",
+                    "--batch-size", "256"])  # fmt: skip
+    with pytest.raises(SystemExit, match="is the folder of an ITDA build"):
+        train_sae.main(short_args(acts, itda_work))
+    # A checkpoint of the other kind, without its settings file, is named too (no raw RuntimeError).
+    (itda_work / "build_config.json").unlink()
+    with pytest.raises(SystemExit, match="checkpoint.safetensors is not a checkpoint of this SAE training"):
+        train_sae.main(short_args(acts, itda_work))

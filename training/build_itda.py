@@ -20,20 +20,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from fluxsae.activations import ActivationStore, split_shards
+from fluxsae.activations import ActivationStore, ActivationStoreError, split_shards
+from fluxsae.dictionary import DictionaryLoadError
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.itda import ITDAConfig
 from fluxsae.itda_build import build_itda
 from fluxsae.sites import parse_site
-from training.cli import dictionary_command
-from training.work import claim
+from training.cli import Range, check_config, dictionary_command
+from training.work import check_out, check_run_folder, claim
 
 logger = logging.getLogger("training.build_itda")
 
@@ -46,32 +47,32 @@ class BuildConfig:
     """Harvest folder (`python -m training.harvest`)."""
     site: str
     """Site to build on, one of the harvest's sites."""
-    k: int = 16
-    """L0 of the codes (atoms per token)."""
-    threshold: float = 0.6
+    k: Annotated[int, Range(1)] = 16
+    """L0 of the codes (atoms per token; at most the site's width)."""
+    threshold: Annotated[float, Range(0, 1, low_open=True)] = 0.6
     """Add a token as an atom when its normalised error exceeds this (reference: 0.6, range 0.1-0.6)."""
-    max_atoms: int | None = None
+    max_atoms: Annotated[int, Range(1)] | None = None
     """Stop adding atoms at this many; the build then ends (None: no cap)."""
-    prune_cosine: float | None = None
+    prune_cosine: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Drop candidates with a cosine above this to a kept atom (reference: 0.8; None: only 0.99
     duplicates)."""
-    round_size: int | None = 256
+    round_size: Annotated[int, Range(1)] | None = 256
     """Candidates of one batch added per round before the rest are re-checked (None: all at once)."""
     encoder: Literal["gradient_pursuit", "matching_pursuit"] = "gradient_pursuit"
     """How codes are computed."""
     center: bool = True
     """Centre atoms and tokens on the mean activation of the first batch (fluxsae.itda); False: raw atoms."""
-    batch_size: int = 4096
+    batch_size: Annotated[int, Range(1)] = 4096
     """Tokens per batch."""
-    held_out: float = 0.1
+    held_out: Annotated[float, Range(0, 1, high_open=True)] = 0.1
     """Share of shards kept for evaluation (never used to build)."""
-    eval_tokens: int | None = None
+    eval_tokens: Annotated[int, Range(1)] | None = None
     """Held-out tokens to evaluate on, a random subset (None: all of them, streamed)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**32 - 2)] = 0
     """Seed of the shuffled data order."""
-    shards_in_memory: int = 8
+    shards_in_memory: Annotated[int, Range(1)] = 8
     """Shards read and shuffled together: memory holds this many shards in their storage dtype."""
-    checkpoint_every: int = 20
+    checkpoint_every: Annotated[int, Range(1)] = 20
     """Batches between checkpoints."""
 
 
@@ -109,9 +110,46 @@ def itda_config(cfg: BuildConfig, store: ActivationStore) -> ITDAConfig:
     )  # fmt: skip
 
 
-def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", progress: bool = True) -> dict:
-    """Build (or resume building) the ITDA of `cfg`; returns the result dict (also in work/result.json)."""
-    store = ActivationStore(cfg.acts)
+SLOW_K = 128
+"""Above this L0 the build says how much slower it will be: the pursuit's cost grows with k (the
+reference used 32-64)."""
+
+
+def check_settings(cfg: BuildConfig, store: ActivationStore) -> None:
+    """SystemExit naming the flag, the value and what is allowed for a setting that cannot work with this
+    harvest; a warning for one that works but slowly."""
+    d = store.dim(cfg.site)
+    if cfg.k > d:
+        raise SystemExit(
+            f"--k {cfg.k} exceeds the width of {cfg.site} (d_in={d}): a token is a combination of at most "
+            f"d_in independent atoms, so a larger L0 only costs time. Pass --k {min(32, d)} (the reference "
+            "used 32-64)."
+        )
+    if cfg.k > SLOW_K:
+        logger.warning(
+            "--k %d: the pursuit runs k rounds per token, so this build takes about %.0fx the time of the "
+            "reference's L0 32 (and every encode of the result too)", cfg.k, cfg.k / 32,
+        )  # fmt: skip
+
+
+def build(
+    cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", progress: bool = True, *,
+    overwrite: bool = False,
+) -> dict:  # fmt: skip
+    """Build (or resume building) the ITDA of `cfg`; returns the result dict (also in work/result.json).
+    Every setting is checked before any work (SystemExit says which is wrong); `overwrite`: replace a
+    different ITDA already in `out/<site>/` (refused otherwise)."""
+    check_config(cfg)
+    work = Path(work)
+    check_run_folder(work, "build_config.json")
+    check_out(None if out is None else Path(out) / cfg.site, "build_config", asdict(cfg), overwrite=overwrite,
+              what="build's ITDA")  # fmt: skip
+    try:
+        store = ActivationStore(cfg.acts)
+        store.dim(cfg.site)
+    except ActivationStoreError as e:
+        raise SystemExit(f"--acts {cfg.acts}: {e}") from e
+    check_settings(cfg, store)
     train_shards, eval_shards = split_shards(len(store.shards), cfg.held_out)
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to build from; harvest first.")
@@ -135,10 +173,13 @@ def build(cfg: BuildConfig, work: Path, out: Path | None, device: str = "cpu", p
     prompts = {int(p["id"]): p["prompt"] for p in store.prompts()}
     batches = manifest_batches(store, cfg.site, train_shards, cfg.batch_size, cfg.seed, cfg.shards_in_memory)
     t0 = time.time()
-    itda = build_itda(
-        batches, itda_cfg, prompts=prompts, checkpoint=checkpoint,
-        checkpoint_every=cfg.checkpoint_every, on_batch=on_batch, device=device,
-    )  # fmt: skip
+    try:
+        itda = build_itda(
+            batches, itda_cfg, prompts=prompts, checkpoint=checkpoint,
+            checkpoint_every=cfg.checkpoint_every, on_batch=on_batch, device=device,
+        )  # fmt: skip
+    except DictionaryLoadError as e:  # an unreadable checkpoint: the message says what to do
+        raise SystemExit(str(e)) from e
     bar.close()
     result = {
         "n_atoms": itda.n_atoms,
@@ -168,7 +209,7 @@ def main(argv=None) -> None:
         work_help="checkpoint, build_config.json, result.json",
         out_help="dictionary folder: the ITDA goes to OUT/<site>/",
     )
-    result = build(cfg, args.work, args.out, args.device)
+    result = build(cfg, args.work, args.out, args.device, overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
 
 

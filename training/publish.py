@@ -2,7 +2,7 @@
 
     python -m training.publish model user/flux-saes --from runs/saes [--revision main] [--dry-run DIR]
     python -m training.publish dataset user/flux-labels --from runs/labels [--dry-run DIR]
-    python -m training.publish space user/fluxsae-demo --model shapes [--dry-run DIR]
+    python -m training.publish space [user/fluxsae-demo] --model shapes [--dry-run DIR]
 
 Each command first stages the repo in a folder, exactly as it will be uploaded: allow-listed files only
 (never optimiser state, work folders or caches), every file validated by loading it (dictionaries through
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -51,8 +52,8 @@ LICENSES = {
     "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license"),
 }
 """The base model's license, which its dictionaries inherit: (license, license_name)."""
-SHAPES_HUB_ID = "fluxsae/shapes"
-"""The Hub id the Shapes model is published under (the card's base_model)."""
+SPACE_SHORT_DESCRIPTION = "Find, read and steer FLUX.1 features with SAEs and ITDA"
+"""The Space's one line on the Hub (at most 60 characters)."""
 
 
 class PublishError(ValueError):
@@ -161,7 +162,8 @@ def stage_model_repo(
     files = "\n".join(f"{s}/{n}" for s in dictionaries for n in sorted(p.name for p in (out / s).iterdir()))
     card = render(
         "model_card.md",
-        base_model=SHAPES_HUB_ID if base == "shapes" else base,
+        # The Shapes model ships inside fluxsae and is published nowhere: no Hub id to name.
+        base_model_yaml="" if base == "shapes" else f"\nbase_model: {base}",
         base_model_name=base,
         license=license_,
         license_name=f"\nlicense_name: {license_name}" if license_name else "",
@@ -307,19 +309,49 @@ APP_MODULES = tuple(sorted(p.name for p in ROOT.glob("app*.py")))
 """The app: app.py (the Space's app_file) and the modules beside it (panels, handlers, views)."""
 
 
+def pinned_requirements(requirements: str, constraints: str) -> str:
+    """requirements.txt with every package pinned to the exact version of constraints.txt (the versions CI
+    tests), so a Space built later installs what was tested, not whatever is newest. PublishError names
+    a package constraints.txt does not pin."""
+    pins = {}
+    for line in constraints.splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[_normalised(name)] = version.strip()
+    lines = ["# The versions fluxsae's CI tests (constraints.txt), pinned by `python -m training.publish`."]
+    for line in requirements.splitlines():
+        spec = line.split("#")[0].strip()
+        if not spec:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]
+        if _normalised(name) not in pins:
+            raise PublishError(
+                f"requirements.txt names {name!r}, which constraints.txt does not pin: add the version CI "
+                "tests to constraints.txt"
+            )
+        lines.append(f"{name}=={pins[_normalised(name)]}")
+    return "\n".join(lines) + "\n"
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def stage_space(
-    out: str | Path, *, repo_id: str, model: str = "shapes", models: list[str] = (), datasets: list[str] = ()
-) -> list[str]:
-    """Stage the Space: the app (APP_MODULES), requirements.txt, the fluxsae package (sources and the
-    packaged Shapes model, dictionaries and labels), README.md (Spaces YAML), .gitattributes. Validates
-    that every module compiles, every packaged dictionary loads and every file passes the Hub's size
-    rules."""
+    out: str | Path, *, repo_id: str | None = None, model: str = "shapes", models: list[str] = (),
+    datasets: list[str] = (),
+) -> list[str]:  # fmt: skip
+    """Stage the Space: the app (APP_MODULES), requirements.txt pinned to the versions CI tests, the
+    fluxsae package (sources and the packaged Shapes model, dictionaries and labels), README.md (Spaces
+    YAML), .gitattributes. Validates that every module compiles, every packaged dictionary loads and
+    every file passes the Hub's size rules. `models`: Hub ids of the models and dictionary repos the app
+    shows, for the card (the embedded Shapes model has none). `repo_id` is only named in messages."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for module in APP_MODULES:
         shutil.copyfile(ROOT / module, out / module)
-    reqs = (ROOT / "requirements.txt").read_text()
-    (out / "requirements.txt").write_text(reqs)
+    pins = (ROOT / "constraints.txt").read_text()
+    (out / "requirements.txt").write_text(pinned_requirements((ROOT / "requirements.txt").read_text(), pins))
     package = ROOT / "fluxsae"
     for path in sorted(package.rglob("*")):
         rel = path.relative_to(package)
@@ -340,8 +372,8 @@ def stage_space(
         sdk_version=version,
         python_version="3.11",
         license="apache-2.0",
-        short_description="Where FLUX's residual stream is strong, token by token",
-        models=_yaml_list([SHAPES_HUB_ID if m == "shapes" else m for m in (models or [model])]),
+        short_description=SPACE_SHORT_DESCRIPTION,
+        models=_yaml_list([m for m in (models or [model]) if m != "shapes"]),
         datasets=_yaml_list(datasets),
         model=model,
     )
@@ -425,7 +457,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument(
         "what", choices=["model", "dataset", "space"], help="a dictionary repo, a label dataset or the Space"
     )
-    p.add_argument("repo_id", help="the Hub repo, e.g. user/flux-saes")
+    p.add_argument(
+        "repo_id", nargs="?", default=None,
+        help="the Hub repo, e.g. user/flux-saes (a Space staged with --dry-run needs none)",
+    )  # fmt: skip
     p.add_argument(
         "--from", dest="source", type=Path, help="model: the folder of site folders; dataset: parquet"
     )
@@ -442,6 +477,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = p.parse_args(argv)
     if args.what != "space" and args.source is None:
         p.error(f"{args.what} needs --from")
+    if args.repo_id is None and (args.what != "space" or args.dry_run is None):
+        why = "its card names it" if args.what != "space" else "it is uploaded there (--dry-run needs none)"
+        p.error(f"{args.what} needs a repo id (e.g. user/fluxsae-{args.what}): {why}")
     if args.dry_run is not None and args.dry_run.exists() and any(args.dry_run.iterdir()):
         p.error(f"--dry-run {args.dry_run}: the folder is not empty; pass a new folder")
     out = args.dry_run or Path(tempfile.mkdtemp(prefix="fluxsae-publish-"))

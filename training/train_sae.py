@@ -16,17 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fluxsae.activations import ActivationStore, split_shards
+from fluxsae.activations import STORAGE_DTYPES, ActivationStore, ActivationStoreError, split_shards
 from fluxsae.evaluate import reconstruction_metrics
 from fluxsae.fileio import write_json
 from fluxsae.sae import WHITEN_POWER, SAEConfig, TopKSAE
@@ -38,8 +39,18 @@ from fluxsae.sae_training import (
     scene_overlap,
     train_step,
 )
-from training.cli import dictionary_command
-from training.work import append_jsonl, claim, load_checkpoint, save_checkpoint
+from fluxsae.sites import parse_site
+from training.cli import Range, check_config, dictionary_command
+from training.resources import check_memory, human_bytes
+from training.work import (
+    append_jsonl,
+    check_out,
+    check_run_folder,
+    claim,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("training.train_sae")
 
@@ -52,66 +63,66 @@ class TrainConfig:
     """Harvest folder (`python -m training.harvest`)."""
     site: str
     """Site to train on, one of the harvest's sites."""
-    n_features: int = 2048
+    n_features: Annotated[int, Range(1)] = 2048
     """Dictionary width."""
-    k: int = 16
+    k: Annotated[int, Range(1)] = 16
     """Active features per token."""
-    tokens: int = 10_000_000
+    tokens: Annotated[int, Range(1)] = 10_000_000
     """Training tokens in total (all processes together); epochs repeat the data as needed."""
-    batch_size: int = 4096
+    batch_size: Annotated[int, Range(1)] = 4096
     """Tokens per step and per process: the global batch is batch_size x world size."""
-    lr: float | None = None
+    lr: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Adam learning rate; None picks 2e-4 / sqrt(n_features / 2**14) as sparsify does (`default_lr`)."""
-    lr_decay: float = 0.0
+    lr_decay: Annotated[float, Range(0, 1)] = 0.0
     """Share of the last steps over which the learning rate falls linearly to 0 (`lr_at`; SAELens's
     lr_decay_steps, Anthropic's 2024 recipe decays over the last 20%); 0: constant."""
     normalization: Literal["none", "standardize", "pca", "whiten"] = "standardize"
     """Input normalisation learnt from `norm_sample` random training tokens, folded in on export."""
-    whiten_power: float = WHITEN_POWER
+    whiten_power: Annotated[float, Range(0, 0.5)] = WHITEN_POWER
     """For --normalization whiten: the power p of C^-p (0: standardise, 0.5: full whitening;
     `SAEConfig.whiten_power`)."""
-    norm_sample: int = 65_536
+    norm_sample: Annotated[int, Range(2)] = 65_536
     """Training tokens drawn at random (seeded by `seed`) to fit the normalisation, initialise the
     decoder bias and measure the mean token norm; only these rows are read from disk."""
-    matryoshka: tuple[int, ...] = ()
+    matryoshka: Annotated[tuple[int, ...], Range(1)] = ()
     """Matryoshka prefix widths (e.g. 16,128,512): the first m features must also reconstruct alone,
     which keeps general features general (`SAEConfig.matryoshka`); empty: a plain TopK SAE."""
-    matryoshka_weights: tuple[float, ...] = ()
+    matryoshka_weights: Annotated[tuple[float, ...], Range(0)] = ()
     """Weights of the prefixes' FVU terms in the Matryoshka loss, one per --matryoshka width (the whole
     dictionary weighs 1; `fluxsae.sae_training.train_step`); empty: all 1, the plain mean."""
     batch_topk: bool = False
     """BatchTopK: keep the batch's N x k largest activations rather than k per token; encoding then
     uses the running threshold (`SAEConfig.batch_topk`)."""
-    scene_features: int = 0
+    scene_features: Annotated[int, Range(0)] = 0
     """Scene features: this many features, from --scene-offset on, are pushed to be constant over
     each image (the loss adds --scene-weight x their within-image / total variance,
     `fluxsae.sae_training.scene_consistency`) and batches hold whole images, so --batch-size must be
     a multiple of an image's tokens. A scene's background then gets features of its own (0: off)."""
-    scene_offset: int = 0
+    scene_offset: Annotated[int, Range(0)] = 0
     """Index of the first scene feature (with --matryoshka, inside which prefix they lie)."""
-    scene_weight: float = 0.1
+    scene_weight: Annotated[float, Range(0)] = 0.1
     """lambda of the scene-consistency term."""
-    scene_decorrelation: float = 0.0
+    scene_decorrelation: Annotated[float, Range(0)] = 0.0
     """mu: the scene term becomes lambda x (consistency + mu x the scene features' positive correlation
     across images, `fluxsae.sae_training.scene_decorrelation`), so they stop duplicating one another
     (0: off; needs at least 2 scene features)."""
-    scene_overlap: float = 0.0
+    scene_overlap: Annotated[float, Range(0)] = 0.0
     """nu: adds lambda x nu x the scene features' overlap across images (squared cosine of their image
     means, `fluxsae.sae_training.scene_overlap`), pushing each toward scenes of its own kind
     (0: off; needs at least 2 scene features)."""
-    aux_k: int = 256
+    aux_k: Annotated[int, Range(0)] = 256
     """AuxK: dead features per token used to model the residual (0: no AuxK loss)."""
-    dead_after_tokens: int = 2_000_000
+    dead_after_tokens: Annotated[int, Range(1)] = 2_000_000
     """A feature that has not fired for this many tokens counts as dead."""
-    held_out: float = 0.1
+    held_out: Annotated[float, Range(0, 1, high_open=True)] = 0.1
     """Share of shards kept for evaluation."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     """Seeds the initialisation, the normalisation sample and the data order."""
-    log_every: int = 20
+    log_every: Annotated[int, Range(1)] = 20
     """Steps between rows of metrics.jsonl."""
-    checkpoint_every: int = 200
+    checkpoint_every: Annotated[int, Range(1)] = 200
     """Steps between checkpoints (written atomically; a rerun resumes from the last one)."""
-    shards_in_memory: int = 8
+    shards_in_memory: Annotated[int, Range(1)] = 8
     """Shards read and shuffled together: memory holds this many shards in their storage dtype."""
 
 
@@ -150,8 +161,6 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
     without them; SystemExit says what is wrong with the settings."""
     pairwise = (("--scene-decorrelation", cfg.scene_decorrelation), ("--scene-overlap", cfg.scene_overlap))
     for flag, value in pairwise:
-        if not value >= 0:
-            raise SystemExit(f"{flag} must be >= 0, got {value}.")
         if value and cfg.scene_features < 2:
             raise SystemExit(f"{flag} compares scene features in pairs: use --scene-features 2 or more.")
     if not cfg.scene_features:
@@ -162,8 +171,6 @@ def scene_loss(cfg: TrainConfig, store: ActivationStore):
             f"--scene-features {cfg.scene_features} from --scene-offset {cfg.scene_offset} must lie "
             f"among the {cfg.n_features} features (0 <= offset, offset + count <= --n-features)."
         )
-    if not cfg.scene_weight >= 0:
-        raise SystemExit(f"--scene-weight must be >= 0, got {cfg.scene_weight}.")
     per_image = store.tokens_per_image(cfg.site)
     if cfg.batch_size % per_image:
         raise SystemExit(
@@ -214,7 +221,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     train = [r for r in rows if "fvu" in r]
     if not train:
         return
@@ -252,18 +259,96 @@ def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
     return lr * (total_steps - step) / (decay_steps + 1)
 
 
-def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -> dict:
+def check_settings(cfg: TrainConfig) -> None:
+    """SystemExit naming the flag, the value and what is allowed, for every setting that is out of range
+    on its own (`check_config`) or does not fit the others; needs no data."""
+    check_config(cfg)
+    n = cfg.n_features
+    if cfg.k > n:
+        raise SystemExit(
+            f"--k {cfg.k} exceeds --n-features {n}: a token cannot use more features than there are."
+        )
+    if cfg.aux_k > n:
+        raise SystemExit(
+            f"--aux-k {cfg.aux_k} (the default is 256) exceeds --n-features {n}: AuxK models the residual "
+            f"with at most that many dead features. Pass --aux-k {n // 2} (or 0 to turn it off)."
+        )
+    if cfg.matryoshka and (list(cfg.matryoshka) != sorted(set(cfg.matryoshka)) or cfg.matryoshka[-1] >= n):
+        raise SystemExit(
+            f"--matryoshka {','.join(map(str, cfg.matryoshka))}: the prefix widths must increase and stay "
+            f"below --n-features {n} (e.g. {max(1, n // 64)},{max(2, n // 8)})."
+        )
+
+
+def check_fits(
+    cfg: TrainConfig, store: ActivationStore, train_shards: list[int], world: int, device: str
+) -> int:
+    """SystemExit if the run would train nothing (fewer --tokens than one step's batch) or cannot fit
+    in memory; returns the number of steps. Says how long the run is."""
+    global_batch = cfg.batch_size * world
+    steps = cfg.tokens // global_batch
+    if steps == 0:
+        raise SystemExit(
+            f"--tokens {cfg.tokens} is less than one step's batch of {global_batch} tokens (--batch-size "
+            f"{cfg.batch_size} x {world} process(es)): nothing would be trained. Raise --tokens."
+        )
+    stream = parse_site(cfg.site).stream
+    rows = [store.shards[i].rows[stream] for i in train_shards]
+    if store.steps_per_epoch(cfg.site, cfg.batch_size, world, train_shards) == 0:
+        raise SystemExit(
+            f"{cfg.acts} has {sum(rows)} training tokens at {cfg.site}, fewer than one step's batch of "
+            f"{global_batch}: harvest more, or lower --batch-size."
+        )
+    d = store.dim(cfg.site)
+    itemsize = torch.empty(0, dtype=STORAGE_DTYPES[store.config["dtype"]]).element_size()
+    params = 2 * cfg.n_features * d + cfg.n_features + d
+    norm = cfg.norm_sample * d * 4 + (2 * d * d * 8 if cfg.normalization in ("pca", "whiten") else 0)
+    need = (
+        4 * params * 4  # float32 weights, gradients and Adam's two moments
+        + 8 * cfg.batch_size * d * 4  # a batch and the encoder's / decoder's [batch, d] tensors
+        + cfg.shards_in_memory * max(rows) * d * itemsize  # the shuffling window, in the storage dtype
+        + norm
+    ) * int(os.environ.get("LOCAL_WORLD_SIZE", 1) if torch.device(device).type == "cpu" else 1)
+    check_memory(
+        need, device, f"Training {cfg.n_features} features on d_in={d}",
+        "Lower --n-features, --batch-size or --shards-in-memory.",
+    )  # fmt: skip
+    epochs = steps * global_batch / max(1, sum(rows))
+    logger.info(
+        "%d steps of %d tokens (%.1f epochs of %d training tokens), about %s of memory",
+        steps, global_batch, epochs, sum(rows), human_bytes(need),
+    )  # fmt: skip
+    return steps
+
+
+def _open_store(cfg: TrainConfig) -> ActivationStore:
+    try:
+        store = ActivationStore(cfg.acts)
+        store.dim(cfg.site)
+    except ActivationStoreError as e:
+        raise SystemExit(f"--acts {cfg.acts}: {e}") from e
+    return store
+
+
+def train(
+    cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu", *, overwrite: bool = False
+) -> dict:
+    """Train (or resume training) the SAE of `cfg` in `work`; the SAE goes to `out/<site>/`. Every setting
+    is checked before any work: SystemExit says which is wrong. `overwrite`: replace a different SAE
+    already in `out/<site>/` (refused otherwise)."""
+    check_settings(cfg)
+    work = Path(work)
+    check_run_folder(work, "train_config.json")
+    check_out(None if out is None else Path(out) / cfg.site, "training", asdict(cfg), overwrite=overwrite,
+              what="training run's SAE")  # fmt: skip
     rank, world = _distributed()
-    store = ActivationStore(cfg.acts)
+    store = _open_store(cfg)
     train_shards, eval_shards = split_shards(len(store.shards), cfg.held_out)
     if not train_shards:
         raise SystemExit(f"{cfg.acts} has no shards to train on; harvest first.")
     images_per_batch, extra_loss = scene_loss(cfg, store)
     prefix_weights = matryoshka_weights(cfg)
-    if not 0.0 <= cfg.lr_decay <= 1.0:  # refused before the run is claimed
-        raise SystemExit(
-            f"--lr-decay is the share of the last steps that decay, in [0, 1]; got {cfg.lr_decay}."
-        )
+    total_steps = check_fits(cfg, store, train_shards, world, device)
     claim(work, "train_config.json", cfg, what="a run", write=rank == 0)
 
     sae = build_sae(cfg, store, train_shards).to(device)
@@ -272,18 +357,22 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     ckpt = work / "checkpoint.safetensors"
     step, tokens = 0, 0
     if ckpt.exists():
-        meta = load_checkpoint(ckpt, {"sae": sae}, opt)
-        step, tokens = meta["step"], meta["tokens"]
+        try:
+            meta = load_checkpoint(ckpt, {"sae": sae}, opt)
+            step, tokens = meta["step"], meta["tokens"]
+        except Exception as e:  # safetensors, shape and key errors alike: say which file and what to do
+            raise SystemExit(
+                f"{ckpt} is not a checkpoint of this SAE training ({type(e).__name__}: {e}); pass another "
+                f"--work, or delete the file to start this run over."
+            ) from e
         logger.info("resuming at step %d (%d tokens)", step, tokens)
     model = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False) if world > 1 else sae
     global_batch = cfg.batch_size * world
     per_epoch = store.steps_per_epoch(cfg.site, cfg.batch_size, world, train_shards)
-    if per_epoch == 0:
-        raise SystemExit(f"Fewer training tokens than one global batch ({global_batch}); harvest more.")
-    total_steps = cfg.tokens // global_batch
     metrics = work / "metrics.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc=f"SAE {cfg.site}", disable=rank != 0, unit="step")
     t0 = time.time()
+    last_fvu = None
     while step < total_steps:
         epoch, skip = divmod(step, per_epoch)
         where = dict(shards=train_shards, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
@@ -299,6 +388,12 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
                 group["lr"] = lr_at(step, total_steps, lr, cfg.lr_decay)
             before = sae.tokens_since_fired.clone()
             stats = train_step(model, opt, x.to(device), extra_loss=extra_loss, prefix_weights=prefix_weights)
+            if not math.isfinite(stats["fvu"]):  # before any checkpoint holds the NaN weights
+                raise SystemExit(
+                    f"Training diverged at step {step + 1}: the FVU is {stats['fvu']}. Lower --lr (this run "
+                    f"used {lr:g}) and start again with another --work (its checkpoints hold this run)."
+                )
+            last_fvu = stats["fvu"]
             _sync_dead_tracking(sae, before, global_batch, world)
             step += 1
             tokens += global_batch
@@ -309,7 +404,7 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
                 append_jsonl(metrics, row)
                 bar.set_postfix(fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                save_checkpoint(ckpt, {"sae": sae}, opt, step=step, tokens=tokens)
+                save_checkpoint(ckpt, {"sae": sae}, opt, step=step, tokens=tokens, kind="sae")
             if step >= total_steps:
                 break
         batches.close()  # let go of its window of shards now, not when the evaluation is done
@@ -321,23 +416,41 @@ def train(cfg: TrainConfig, work: Path, out: Path | None, device: str = "cpu") -
     if world > 1:
         dist.barrier()
     result = {"steps": step, "tokens": tokens, "seconds_this_run": round(time.time() - t0, 1)}
+    refused = None
     if rank == 0:
         sae.eval()
         final = sae.fold_normalization()
         if eval_shards:  # streamed: memory holds one batch of the held-out shards at a time
             result["held_out"] = reconstruction_metrics(final, store.iter_rows(cfg.site, eval_shards))
             append_jsonl(metrics, {"step": step, "tokens": tokens, "eval_fvu": result["held_out"]["fvu"]})
-        plot_curves(metrics, work / "curves.png")
+        refused = diverged(result.get("held_out", {}).get("fvu", last_fvu), final, lr)
         final.cfg = dataclasses.replace(
             final.cfg, extra={**final.cfg.extra, "training": asdict(cfg), **result}
         )
-        if out is not None:
-            final.save(out / cfg.site)
+        if out is not None and refused is None:
+            final.save(Path(out) / cfg.site)
         write_json(work / "result.json", result)
+        plot_curves(metrics, work / "curves.png")
     if world > 1:
         dist.barrier()  # every rank waits for rank 0's evaluation and save, then all leave together
         dist.destroy_process_group()
+    if refused is not None:
+        raise SystemExit(refused + (f" Not exported to {Path(out) / cfg.site}." if out is not None else ""))
     return result
+
+
+def diverged(fvu: float | None, sae: TopKSAE, lr: float) -> str | None:
+    """Why a trained SAE must not be exported (NaN/inf weights, or an FVU above 1: worse than predicting
+    every token by the mean), or None."""
+    if not all(torch.isfinite(p).all() for p in sae.parameters()):
+        return f"The trained SAE has NaN/inf weights: the run diverged. Lower --lr (this run used {lr:g})."
+    if fvu is not None and not fvu <= 1:
+        return (
+            f"The trained SAE's FVU is {fvu:.4g}, worse than predicting every token by the mean (FVU 1): the "
+            f"run diverged or learnt nothing. Lower --lr (this run used {lr:g}) and train again with another "
+            "--work."
+        )
+    return None
 
 
 def main(argv=None) -> None:
@@ -348,7 +461,7 @@ def main(argv=None) -> None:
         work_help="checkpoints, metrics.jsonl, curves.png",
         out_help="dictionary folder: the SAE goes to OUT/<site>/",
     )
-    result = train(cfg, args.work, args.out, args.device)
+    result = train(cfg, args.work, args.out, args.device, overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))
 
