@@ -33,9 +33,11 @@ import app_panels as panels  # noqa: E402
 import app_views as views  # noqa: E402
 import fluxsae  # noqa: E402
 from app_actions import make_actions  # noqa: E402
+from app_images import make_image_actions  # noqa: E402
 from app_words import make_word_actions  # noqa: E402
 from fluxsae import shapes  # noqa: E402
 from fluxsae.heatmap import activation_norms, feature_overlay, token_grid, token_map  # noqa: E402
+from fluxsae.own_image import DEFAULT_NOISE  # noqa: E402
 from fluxsae.pipelines import SHAPES, TINY, PipelineLoadError, generation_defaults  # noqa: E402
 from fluxsae.sites import parse_site  # noqa: E402
 from fluxsae.tiny import tiny_flux_pipeline  # noqa: E402
@@ -173,13 +175,15 @@ def build_demo(
         to_display=to_display, display_px=DISPLAY_PX, max_prompt_chars=MAX_PROMPT_CHARS, gpu=zero_gpu(),
     )  # fmt: skip
     words = make_word_actions(pipe, defaults, release, vocabulary, actions)
+    images = make_image_actions(pipe, defaults, release, actions, words)
     examples = ["a red circle"]
     if vocabulary:
         examples = [shapes.caption(s) for s in shapes.sample_scenes(6, seed=0)]
     have = release.sites_with()
     site_choices = [(f"{s} ({', '.join(have[s])})" if s in have else s, s) for s in sites]
     ui = SimpleNamespace(n_steps=n_steps, last_step=max(n_steps - 1, 1))
-    with gr.Blocks(title="fluxsae", analytics_enabled=False) as demo:
+    # Uploads and outputs leave the server cache after 10 minutes: an upload is never kept for others.
+    with gr.Blocks(title="fluxsae", analytics_enabled=False, delete_cache=(600, 600)) as demo:
         gr.Markdown(
             f"# fluxsae\nGenerate an image with `{name}`, see which dictionary features (SAE or ITDA) or MLP "
             "neurons fire where, and steer them. At sites without a dictionary the map shows the residual "
@@ -190,9 +194,12 @@ def build_demo(
         ui.state = gr.State(None)
         panels.explore_panel(ui, actions, release, release.methods(), examples, site_choices, first_site)
         panels.feature_panel(ui)
+        panels.own_image_panel(ui, DEFAULT_NOISE)
+        panels.compare_panel(ui)
         panels.steer_panel(ui)
         _wire_explore(ui, actions)
         _wire_steering(ui, actions, words)
+        _wire_images(ui, images, words)
     return demo
 
 
@@ -237,6 +244,27 @@ def _wire_explore(ui, actions) -> None:
          message=ui.search_message, api_name="search")  # fmt: skip
     gr.on([ui.site.change, ui.method.change], actions.show_choices, [ui.site, ui.method],
           [ui.show_only, ui.method], api_name=False)  # fmt: skip
+
+
+def _wire_images(ui, images, words) -> None:
+    """Your own image and two prompts: page and API."""
+    wire = panels.wire
+    explore = [ui.image, ui.heat, ui.stats, ui.table, ui.panel, ui.profile, ui.gallery, ui.atom, ui.words,
+               ui.state, ui.region]  # fmt: skip
+    wire([ui.analyse_button.click], images.on_analyse,
+         [ui.own, ui.prompt, ui.noise, ui.seed, *ui.view, ui.feature, ui.opacity, ui.rank, ui.show_only],
+         explore, message=ui.own_message, api_name="analyse_image", concurrency_limit=4)  # fmt: skip
+    wire([ui.edit_button.click], images.on_edit,
+         [ui.own, ui.prompt, ui.seed, ui.noise, ui.take_out, ui.put_in, ui.only_words, ui.word_strength,
+          ui.own_features, ui.site, ui.region],
+         [ui.own_original, ui.own_reconstruction, ui.own_edited, ui.own_stats, *ui.own_reads],
+         message=ui.own_message, api_name="edit_image", concurrency_limit=4)  # fmt: skip
+    wire([ui.compare_button.click], images.on_diff, [ui.prompt, ui.prompt_b, ui.seed, *ui.view, ui.opacity],
+         [ui.diff_a, ui.diff_b, ui.diff_heat_a, ui.diff_heat_b, ui.diff_table, ui.diff_stats],
+         message=ui.compare_message, api_name="diff_prompts", concurrency_limit=4)  # fmt: skip
+    wire([ui.towards_button.click], words.on_towards, [ui.prompt, ui.prompt_b, ui.seed, ui.word_strength],
+         [ui.diff_a, ui.towards_steered, ui.towards_stats, ui.diff_a_reads, ui.towards_reads],
+         message=ui.compare_message, api_name="steer_towards", concurrency_limit=4)  # fmt: skip
 
 
 def _wire_steering(ui, actions, words) -> None:

@@ -226,14 +226,33 @@ def make_actions(
                 f"The {method} labels at {site_} are for {dictionary.cfg.d_in} units, this model has "
                 f"{acts.shape[-1]}: they belong to another model; pass --labels for this one."
             )
-        table = views.features_table(entry, acts, steps, rank, show=show_only)
         state = {"acts": acts, "image": image, "site": site_, "method": method, "seed": seed,
-                 "top": table[0][0] if table else 0, "ms": (time.perf_counter() - start) * 1000}  # fmt: skip
+                 "steps": list(range(n_steps)), "ms": (time.perf_counter() - start) * 1000}  # fmt: skip
+        return explore(state, entry, feature, opacity, rank, show_only, steps, vocabulary_note(prompt))
+
+    def explore(state, entry, feature, opacity, rank, show_only, steps, note):
+        """The explore panel's outputs for the image in `state` (generated, or your own)."""
+        acts, image = state["acts"], state["image"]
+        table = views.features_table(entry, acts, steps, rank, show=show_only, step_ids=state["steps"])
+        state["top"] = table[0][0] if table else 0
         feature = state["top"] if is_top(feature) else feature
-        heat, panel, profile, gallery, atom = show(entry, site_, method, acts, image, feature, steps, opacity)
+        shown_views = show(entry, state["site"], state["method"], acts, image, feature, steps, opacity)
+        heat, panel, profile, gallery, atom = shown_views
         shown = to_display(image)
         stats = stats_line(state, entry, feature, steps)
-        return shown, heat, stats, table, panel, profile, gallery, atom, vocabulary_note(prompt), state, shown
+        return shown, heat, stats, table, panel, profile, gallery, atom, note, state, shown
+
+    def positions(state, first, last) -> list[int]:
+        """The positions in the image's captured steps of the chosen denoising steps (your own image is
+        denoised on the last steps only)."""
+        wanted, have = step_range(first, last), state.get("steps") or list(range(n_steps))
+        chosen = [have.index(s) for s in wanted if s in have]
+        if not chosen:
+            raise ValueError(
+                f"This image was denoised on steps {have[0]}-{have[-1]} only (from its noise level): pick "
+                "steps in that range."
+            )
+        return chosen
 
     def is_top(feature) -> bool:
         """Whether `feature` asks for the image's top feature (-1, the box's default, or nothing)."""
@@ -242,10 +261,12 @@ def make_actions(
     def stats_line(state, entry, feature, steps) -> str:
         """The statistics line of the image in `state` with `feature` shown (said again when it changes)."""
         dictionary, acts = entry.dictionary, state["acts"]
+        ids = state.get("steps") or list(range(n_steps))
         return (
             f"**{state['method']}** at `{state['site']}` · feature {int(float(feature))} on steps "
-            f"{steps[0]}-{steps[-1]} of 0-{n_steps - 1} · seed {state['seed']} · "
-            f"{views.reconstruction_note(dictionary, acts[steps])} · generated in {state['ms']:.0f} ms"
+            f"{ids[steps[0]]}-{ids[steps[-1]]} of 0-{n_steps - 1} · seed {state['seed']} · "
+            f"{views.reconstruction_note(dictionary, acts[steps])} · {state.get('made', 'generated')} in "
+            f"{state['ms']:.0f} ms"
         )
 
     def from_state(state, site, method):
@@ -256,13 +277,14 @@ def make_actions(
     @_user_errors("Ranking the features")
     def on_rank(state, site, method, first, last, rank, show_only=views.ALL):
         entry = from_state(state, site, method)
-        steps = step_range(first, last)
-        return views.features_table(entry, state["acts"], steps, check_rank(rank), show=show_only)
+        steps = positions(state, first, last)
+        return views.features_table(entry, state["acts"], steps, check_rank(rank), show=show_only,
+                                    step_ids=state["steps"])  # fmt: skip
 
     @_user_errors("Showing the feature")
     def on_feature(state, site, method, first, last, feature, opacity):
         entry = from_state(state, site, method)
-        steps = step_range(first, last)
+        steps = positions(state, first, last)
         feature = state["top"] if is_top(feature) else feature
         shown = show(entry, state["site"], method, state["acts"], state["image"], feature, steps, opacity)
         return *shown, stats_line(state, entry, feature, steps)
@@ -275,7 +297,7 @@ def make_actions(
         x = views.check_number(x, "x", 0, image.width * factor - 1)
         y = views.check_number(y, "y", 0, image.height * factor - 1)
         pixel = (x / factor, y / factor)
-        rows = views.at_pixel(entry, state["acts"], pixel, image.size, step_range(first, last))
+        rows = views.at_pixel(entry, state["acts"], pixel, image.size, positions(state, first, last))
         return rows, views.mark_token(to_display(image), pixel, image.size, state["acts"].shape[2])
 
     @_user_errors("Search")
@@ -387,7 +409,9 @@ def make_actions(
         vocabulary_note=vocabulary_note, on_generate=on_generate, on_rank=on_rank, on_feature=on_feature,
         on_pixel=on_pixel, on_search=on_search, on_add=on_add, on_remove=on_remove, on_clear=on_clear,
         show_choices=show_choices, compose=compose, on_steer=on_steer,
-        # shared with the other panels (app_words):
+        # shared with the other panels (app_words, app_images):
         lock=lock, on_gpu=on_gpu, user_errors=_user_errors, check_prompt=check_prompt, check_seed=check_seed,
-        step_range=step_range, to_display=to_display,
+        step_range=step_range, to_display=to_display, entry_for=entry_for, check_rank=check_rank,
+        explore=explore, steerable=steerable, positions=positions, capture_units=capture_units,
+        display_px=display_px,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 import app_views as views
+from app_images import readable_later
 from app_labels import RANKED_BY_DETECTION
 from fluxsae.steering import DEFAULT_STEPS, DEFAULT_STRENGTH
 from fluxsae.word_steering import STRENGTH as WORD_STRENGTH
@@ -279,3 +280,86 @@ def steer_panel(ui: SimpleNamespace) -> None:
     with gr.Tabs():
         words_tab(ui)
         features_tab(ui)
+
+
+def own_image_panel(ui: SimpleNamespace, noise: float) -> None:
+    """Your own image: upload, paste or draw one; analyse it (the explore views above show it) or edit it."""
+    with gr.Accordion("Your own image", open=False, elem_id="own_panel"):
+        gr.Markdown(
+            "Upload, paste or draw an image: the model denoises it from the noise level with the prompt "
+            "above, and every view above (heatmap, top features, a pixel's features, the feature page) reads "
+            "it. "
+            "Edit it with the words of the steering tab (take out / put in) or with features, inside the "
+            "painted region if there is one: the image as the model sees it, its reconstruction without an "
+            "edit, and the edited one."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                ui.own = readable_later(
+                    gr.ImageEditor(
+                        label="Your image (upload, paste or draw)",
+                        type="pil",
+                        sources=["upload", "clipboard"],
+                        canvas_size=(384, 384),
+                        elem_id="own_image",
+                    )
+                )
+                ui.noise = views.lenient(
+                    gr.Slider(
+                        0.05,
+                        1,
+                        value=noise,
+                        step=0.05,
+                        label="Noise level (1: pure noise)",
+                        elem_id="own_noise",
+                    )
+                )
+                ui.own_features = gr.Textbox(
+                    label="Features to add while editing (ids or words, at the site above; optional)",
+                    elem_id="own_features",
+                )
+                with gr.Row():
+                    ui.analyse_button = gr.Button("Analyse", variant="primary", elem_id="analyse")
+                    ui.edit_button = gr.Button("Edit", elem_id="edit_image")
+                ui.own_message = message("own_message")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    ui.own_original = gr.Image(label="As the model sees it", elem_id="own_original", **SHOWN)
+                    ui.own_reconstruction = gr.Image(
+                        label="Reconstruction", elem_id="own_reconstruction", **SHOWN
+                    )
+                    ui.own_edited = gr.Image(label="Edited", elem_id="own_edited", **SHOWN)
+                ui.own_stats = gr.Markdown(elem_id="own_stats", label="Editing statistics")
+                ui.own_reads = [
+                    gr.Markdown(elem_id=f"own_reads_{i}", label=f"The {name} reads")
+                    for i, name in enumerate(("image", "reconstruction", "edited image"))
+                ]
+
+
+def compare_panel(ui: SimpleNamespace) -> None:
+    """Two prompts from one seed: the features they differ by, and prompt A steered towards B."""
+    with gr.Accordion("Two prompts side by side", open=False, elem_id="compare_panel"):
+        with gr.Row():
+            ui.prompt_b = gr.Textbox(label="Prompt B (A is the prompt above)", elem_id="prompt_b")
+            with gr.Column(scale=0, min_width=160):
+                ui.compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
+                ui.towards_button = gr.Button("Steer A towards B", elem_id="towards")
+        ui.compare_message = message("compare_message")
+        with gr.Row():
+            ui.diff_a = gr.Image(label="A", elem_id="diff_a", **SHOWN)
+            ui.diff_b = gr.Image(label="B", elem_id="diff_b", **SHOWN)
+            ui.diff_heat_a = gr.Image(label="The top feature on A", elem_id="diff_heat_a", **SHOWN)
+            ui.diff_heat_b = gr.Image(label="The top feature on B", elem_id="diff_heat_b", **SHOWN)
+        ui.diff_table = gr.Dataframe(
+            headers=["feature", "label", "F1", "mass on A", "mass on B", "change"],
+            label="Features that differ most",
+            interactive=False,
+            elem_id="diff_table",
+        )
+        ui.diff_stats = gr.Markdown(elem_id="diff_stats", label="Comparison statistics")
+        with gr.Row():
+            ui.towards_steered = gr.Image(label="A steered towards B", elem_id="towards_steered", **SHOWN)
+            with gr.Column():
+                ui.diff_a_reads = gr.Markdown(elem_id="diff_a_reads", label="A reads")
+                ui.towards_stats = gr.Markdown(elem_id="towards_stats", label="Steering statistics")
+                ui.towards_reads = gr.Markdown(elem_id="towards_reads", label="A steered towards B reads")

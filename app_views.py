@@ -319,24 +319,30 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def features_table(entry: Entry, acts, steps, rank: str = "mass", n: int = 10, show: str = ALL) -> list[list]:
+def features_table(
+    entry: Entry, acts, steps, rank: str = "mass", n: int = 10, show: str = ALL, step_ids=None
+) -> list[list]:
     """Rows [feature, label, F1 (or reference score), share %, x usual] of the image's top features,
     ordered by `rank` ("mass" or "lift", see `top_features`), among those `show` keeps (`show_choices`:
-    all, labelled ones, or the first Matryoshka groups). "x usual": the feature's mass on this image over
-    its usual mass on one (None without stats, or for a feature the stats never saw fire)."""
+    all, labelled ones, or the first Matryoshka groups). `steps`: positions in `acts`; `step_ids`: the
+    denoising step of every position (default: every step captured). "x usual": the feature's mass on
+    this image over its usual mass on one (None without stats, or for a feature the stats never saw fire)."""
     dictionary, stats, labels, _ = entry
     rank = "mass" if stats is None else rank
-    usual = None if stats is None else usual_mass(stats, [stats.steps[s] for s in steps], acts.shape[2])
+    ids = list(step_ids) if step_ids is not None else None
+    usual = None
+    if stats is not None:
+        usual = usual_mass(stats, [(ids or list(stats.steps))[s] for s in steps], acts.shape[2])
     keep = shown_features(entry, show)
     rows = []
-    ranked = top_features(dictionary, acts, stats, dictionary.cfg.n_features, steps=steps, rank=rank)
+    n_all = dictionary.cfg.n_features
+    ranked = top_features(dictionary, acts, stats, n_all, steps=steps, rank=rank, step_ids=ids)
     for t in [t for t in ranked if keep(t.feature)][:n]:
         label, figure = label_of(labels, t.feature)
         ratio = None if usual is None or usual[t.feature] <= 0 else round(t.mass / float(usual[t.feature]), 1)
         figure = None if figure is None else round(figure, 3)
         rows.append([t.feature, label, figure, round(100 * t.share, 2), ratio])
     return rows
-
 
 
 def show_choices(entry: Entry | None) -> list[str]:

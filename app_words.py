@@ -8,6 +8,7 @@ outside, ZeroGPU's `spaces.GPU` inside): it takes and returns only picklable val
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from types import SimpleNamespace
@@ -63,6 +64,35 @@ def make_word_actions(
             )
         return word
 
+    def check_swap(prompt: str, take_out, put_in, words, strength):
+        """(take_out, put_in, text-token mask or None, strength), checked against the prompt."""
+        take_out, put_in = check_word(take_out, "to take out"), check_word(put_in, "to put in")
+        said = f" {' '.join(re.findall(r'[a-z0-9]+', prompt.lower()))} "
+        if take_out is not None and f" {take_out} " not in said:
+            raise ValueError(f"The prompt does not say {take_out!r}: take out a word it says.")
+        strength = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
+        tokens = None
+        if str(words or "").strip():
+            limit = int(defaults["max_sequence_length"])
+            tokens = fluxsae.word_steering.text_tokens(pipe, prompt, str(words).strip(), limit)
+        return take_out, put_in, tokens, strength
+
+    def steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, words, start):
+        """The swap's images and the outputs the panel shows (original, steered, statistics, reads)."""
+        with base.lock:
+            plain, steered, used = swap_images(prompt, seed, take_out, put_in, strength, steps, tokens, mask)
+        images = [pipe.numpy_to_pil(x)[0] for x in (plain, steered)]
+        parts = [
+            views.features_used(used),
+            f"strength {strength:g}, steps {steps[0]}-{steps[-1]}",
+            f"only {str(words).strip()!r}" if tokens is not None else "every word",
+            "inside the painted region" if mask is not None else "the whole image",
+            f"seed {seed}",
+            f"{(time.perf_counter() - start) * 1000:.0f} ms",
+        ]
+        reads = [views.reads(i) for i in images] if vocabulary else ["", ""]
+        return *(base.to_display(i) for i in images), " · ".join(parts), *reads
+
     @base.user_errors("Steering by words")
     def on_swap(
         prompt, seed, take_out, put_in, words=None, strength=STRENGTH, first=0, last=None, region=None
@@ -70,34 +100,32 @@ def make_word_actions(
         start = time.perf_counter()
         prompt, seed = base.check_prompt(prompt), base.check_seed(seed)
         steps = base.step_range(first, n_steps - 1 if last in (None, "") else last)
-        take_out, put_in = check_word(take_out, "to take out"), check_word(put_in, "to put in")
+        take_out, put_in, tokens, strength = check_swap(prompt, take_out, put_in, words, strength)
         if take_out is None and put_in is None:
             raise ValueError("Name a word to take out, a word to put in, or both (e.g. red and blue).")
-        if (
-            take_out is not None
-            and f" {take_out} " not in f" {' '.join(re.findall(r'[a-z0-9]+', prompt.lower()))} "
-        ):
-            raise ValueError(f"The prompt does not say {take_out!r}: take out a word it says.")
-        strength = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
-        tokens = None
-        if str(words or "").strip():
-            tokens = fluxsae.word_steering.text_tokens(
-                pipe, prompt, str(words).strip(), int(defaults["max_sequence_length"])
-            )
         mask = views.region_mask(region, size)
-        with base.lock:
-            plain, steered, used = swap_images(prompt, seed, take_out, put_in, strength, steps, tokens, mask)
-        images = [pipe.numpy_to_pil(x)[0] for x in (plain, steered)]
-        named = views.features_used(used)
-        parts = [
-            named,
-            f"strength {strength:g}, steps {steps[0]}-{steps[-1]}",
-            f"only {str(words).strip()!r}" if tokens is not None else "every word",
-            "inside the painted region" if mask is not None else "the whole image",
-            f"seed {seed}",
-            f"{(time.perf_counter() - start) * 1000:.0f} ms",
-        ]
-        reads = [views.reads(i) for i in images] if vocabulary else [None, None]
-        return *(base.to_display(i) for i in images), " · ".join(parts), reads[0] or "", reads[1] or ""
+        return steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, words, start)
 
-    return SimpleNamespace(on_swap=on_swap, swap_images=swap_images)
+    @base.user_errors("Steering A towards B")
+    def on_towards(prompt_a, prompt_b, seed, strength=STRENGTH):
+        """Prompt A steered towards prompt B: the words B says instead of A's, swapped in A's text stream."""
+        start = time.perf_counter()
+        prompt_a, prompt_b = base.check_prompt(prompt_a), base.check_prompt(prompt_b)
+        seed = base.check_seed(seed)
+        take_out, put_in = changed_words(prompt_a, prompt_b)
+        take_out, put_in, tokens, strength = check_swap(prompt_a, take_out, put_in, None, strength)
+        steps = list(range(n_steps))
+        return steered_pair(prompt_a, seed, take_out, put_in, strength, steps, None, None, None, start)
+
+    return SimpleNamespace(on_swap=on_swap, on_towards=on_towards, swap_images=swap_images, steering=steering,
+                           check_swap=check_swap, vocabulary=vocabulary)  # fmt: skip
+
+
+def changed_words(prompt_a: str, prompt_b: str) -> tuple[str | None, str | None]:
+    """(A's words, B's words) of the first place the two prompts differ: "a red circle" / "a blue circle"
+    -> ("red", "blue"); a word only one of them has -> (it, None) or (None, it)."""
+    a, b = (re.findall(r"[a-z0-9]+", p.lower()) for p in (prompt_a, prompt_b))
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op != "equal":
+            return " ".join(a[i1:i2]) or None, " ".join(b[j1:j2]) or None
+    raise ValueError("The two prompts say the same words: change a word of the second one.")

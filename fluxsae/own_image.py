@@ -56,14 +56,13 @@ def prepare_image(image, size: tuple[int, int]) -> tuple[Image.Image, str]:
     done to it. ValueError, for people, for what is no image, is empty or too large."""
     if not isinstance(image, Image.Image):
         try:
-            image = (
-                Image.open(image)
-                if isinstance(image, (str, bytes)) or hasattr(image, "read")
-                else (Image.fromarray(image))
-            )
+            opened = Image.open(image) if isinstance(image, (str, bytes)) or hasattr(image, "read") else None
+            image = opened if opened is not None else Image.fromarray(image)
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"The image is far too large to read ({err}): scale it down first.") from err
         except (UnidentifiedImageError, OSError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(
-                f"That is not an image the app can read ({type(err).__name__}): upload a PNG or JPEG."
+                f"That is not an image the app can read ({type(err).__name__}): use a PNG or JPEG."
             ) from err
     width, height = image.size
     if width == 0 or height == 0:
@@ -81,14 +80,14 @@ def prepare_image(image, size: tuple[int, int]) -> tuple[Image.Image, str]:
             flat = Image.new("RGB", rgba.size, (255, 255, 255))
             flat.paste(rgba, mask=rgba.getchannel("A"))
             image = flat
-            notes.append(f"its transparency laid on white ({had} to RGB)")
+            notes.append(f"had its transparency laid on white ({had} to RGB)")
         else:
             image = image.convert("RGB")
-            notes.append(f"converted from {had} to RGB")
+            notes.append(f"was converted from {had} to RGB")
     if image.size != tuple(size):
-        notes.append(f"resized from {width}x{height} to the model's {size[0]}x{size[1]}")
+        notes.append(f"was resized from {width}x{height} to the model's {size[0]}x{size[1]}")
         image = image.resize(tuple(size), Image.Resampling.LANCZOS)
-    return image, ("The image was " + " and ".join(notes) + ".") if notes else ""
+    return image, ("The image " + " and ".join(notes) + ".") if notes else ""
 
 
 def check_noise(level) -> float:

@@ -24,6 +24,7 @@ import app  # noqa: E402
 import app_views as views  # noqa: E402
 import fluxsae  # noqa: E402
 from app_labels import label_of  # noqa: E402
+from fluxsae import shapes  # noqa: E402
 
 SITE, SINGLE = "transformer_blocks.3.image", "single_transformer_blocks.2.image"
 PROMPT = "a red circle at the top left on a white background"
@@ -99,7 +100,8 @@ def test_every_action_is_one_named_endpoint_with_labelled_results(shapes_app):
     client = _client(url)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = ["/generate", "/check_prompt", "/top_features", "/show_feature", "/features_at", "/search"]
-    assert sorted(api) == sorted([*names, "/steer", "/swap"])
+    own = ["/analyse_image", "/edit_image", "/diff_prompts", "/steer_towards"]
+    assert sorted(api) == sorted([*names, "/steer", "/swap", *own])
     for info in api.values():
         assert all(r["label"] and not r["label"].startswith("value_") for r in info["returns"]), info
     region = [p for p in api["/steer"]["parameters"] if p["parameter_name"] == "region"]
@@ -566,7 +568,7 @@ def test_eight_concurrent_clients_each_get_their_solo_result(shapes_app):
     assert _hooks(pipe) == 0
 
 
-def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatch):
+def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatch, tmp_path):
     """With the `spaces` package present, the functions that run the pipeline are spaces.GPU functions,
     called with and returning only what pickles (as ZeroGPU sends them to its worker), never the
     pipeline; their results are the plain app's."""
@@ -592,7 +594,7 @@ def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatc
     demo, gpu_url = _launch(pipe)
     try:
         names = {fn.__name__ for fn in decorated}
-        assert names == {"capture_units", "steer_images", "regenerate_atom", "swap_images"}
+        assert names == {"capture_units", "steer_images", "regenerate_atom", "swap_images", "analyse", "edit"}
         assert all("pipe" not in inspect.signature(fn).parameters for fn in decorated)
         plain, on_gpu = _client(url), _client(gpu_url)
         for method in ("SAE", "ITDA", views.MLP):
@@ -605,7 +607,10 @@ def test_zero_gpu_wraps_every_path_that_runs_the_pipeline(shapes_app, monkeypatc
             assert np.array_equal(_pixels(x), _pixels(y))
         for x, y in zip(_swap(plain)[:2], _swap(on_gpu)[:2], strict=True):
             assert np.array_equal(_pixels(x), _pixels(y))
-        assert set(calls) - {"regenerate_atom"} == names - {"regenerate_atom"}
+        upload = _own(tmp_path, shapes.render(shapes.sample_scenes(1, seed=2)[0]))
+        x, y = _analyse(plain, upload, "a red circle"), _analyse(on_gpu, upload, "a red circle")
+        assert np.array_equal(_pixels(x[1]), _pixels(y[1])) and x[3]["data"] == y[3]["data"]
+        assert set(calls) - {"regenerate_atom"} == names - {"regenerate_atom", "edit"}
     finally:
         demo.close()
     assert _hooks(pipe) == 0
@@ -750,3 +755,114 @@ def test_the_page_keeps_what_it_shows_when_a_request_fails_and_steers_by_words(s
             expect(page.locator("#swap_steered img[src]")).to_be_visible()
         finally:
             browser.close()
+
+
+def _own(tmp_path, image, name="own.png"):
+    from gradio_client import handle_file
+
+    path = tmp_path / name
+    if isinstance(image, bytes):
+        path.write_bytes(image)
+    else:
+        image.save(path)
+    return {"background": handle_file(path), "layers": [], "composite": handle_file(path)}
+
+
+def _analyse(client, image, prompt, noise=0.5, first=0, last=7):
+    args = (image, prompt, noise, 0, SITE, "SAE", first, last, -1, 0.5, SHARE, views.ALL)
+    return client.predict(*args, api_name="/analyse_image")
+
+
+def test_your_own_image_is_read_by_every_view_and_edited_by_words(shapes_app, tmp_path):
+    """A rendered scene the model never generated, uploaded as a palette image of another size: the
+    library's img2img pass gives the app's features; the pixel view and re-ranking work on it; an edit
+    by words turns its colour and keeps the rest."""
+    from fluxsae.feature_stats import load_feature_stats
+    from fluxsae.own_image import analyse_image
+
+    url, pipe = shapes_app
+    client = _client(url)
+    scene = shapes.Scene(shapes.sample_scenes(3, seed=8, n_objects=1)[1].objects, "white")
+    prompt = shapes.caption(scene)
+    upload = shapes.render(scene).resize((200, 200), 0).convert("P")
+    out = _analyse(client, _own(tmp_path, upload), prompt)
+    assert "from 200x200 to the model's 64x64" in out[8] and "steps 4-7" in out[8] and "steps 4-7" in out[2]
+    analysis = analyse_image(pipe, upload, prompt, 0.5, [SITE], **app.generation_defaults("shapes", pipe))
+    sae = fluxsae.load_sae("shapes", site=SITE)
+    stats = load_feature_stats("shapes", site=SITE, kind="sae")
+    expected = fluxsae.features.top_features(sae, analysis.acts[SITE], stats, n=1)[0].feature
+    assert out[3]["data"][0][0] == expected and analysis.acts.steps == [4, 5, 6, 7]
+    rows, _ = client.predict(SITE, "SAE", 4, 7, 200, 200, api_name="/features_at")
+    assert rows["data"]
+    with pytest.raises(Exception, match="denoised on steps 4-7 only"):
+        client.predict(SITE, "SAE", 0, 3, SHARE, api_name="/top_features")
+    color = scene.objects[0].color
+    new = "blue" if color != "blue" else "green"
+    edited = client.predict(_own(tmp_path, upload), prompt, 0, 0.5, color, new, "", 0.6, "", SITE, None,
+                            api_name="/edit_image")  # fmt: skip
+    assert color in edited[4] and color in edited[5] and f"{new} {scene.objects[0].shape}" in edited[6]
+
+
+def test_two_prompts_show_what_differs_and_a_steers_towards_b(shapes_app):
+    from fluxsae.features import diff
+
+    url, pipe = shapes_app
+    client = _client(url)
+    a = "a large red circle at the center on a white background"
+    b = a.replace("red", "blue")
+    image_a, image_b, heat_a, heat_b, table, stats = client.predict(a, b, 0, SITE, "SAE", 0, 7, 0.5,
+                                                                    api_name="/diff_prompts")  # fmt: skip
+    sae = fluxsae.load_sae("shapes", site=SITE)
+    acts = []
+    for prompt in (a, b):
+        with fluxsae.capture(pipe, [SITE]) as captured:
+            _library_image(pipe, prompt, 0)
+        acts.append(captured[SITE])
+    expected = diff(sae, *acts, 10)
+    assert [r[0] for r in table["data"]] == [d.feature for d in expected]
+    assert table["data"][0][5] == pytest.approx(expected[0].change, abs=1e-3) and "changes most" in stats
+    assert not np.array_equal(_pixels(heat_a), _pixels(heat_b))
+    _, steered, said, reads_a, reads_b = client.predict(a, b, 0, 0.6, api_name="/steer_towards")
+    assert "**red** clamped to 0" in said and "**blue** added" in said
+    assert "red circle" in reads_a and "blue circle" in reads_b
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda tmp: _own(tmp, b"this is not an image", "text.png"), "not an image"),
+        (lambda tmp: _own(tmp, b"", "empty.png"), "not an image"),
+        (lambda tmp: None, "Upload or draw an image first"),
+    ],
+)  # fmt: skip
+def test_bad_uploads_are_said_beside_the_control_and_change_nothing(shapes_app, tmp_path, make, match):
+    from gradio_client.exceptions import AppError
+
+    url, pipe = shapes_app
+    client = _client(url)
+    before = _generate(client, seed=4)
+    with pytest.raises(AppError, match=match):
+        _analyse(client, make(tmp_path), "a red circle")
+    after = _generate(client, seed=4)
+    assert np.array_equal(_pixels(before[0]), _pixels(after[0])) and _hooks(pipe) == 0
+
+
+def test_own_image_inputs_are_checked_before_anything_runs():
+    from PIL import Image
+
+    from fluxsae.own_image import check_noise, prepare_image
+
+    for bad in (0, -0.1, 1.5, "nan", "abc", None):
+        with pytest.raises(ValueError, match=r"noise level must be a number in \(0, 1\]"):
+            check_noise(bad)
+    assert check_noise("1") == 1.0
+    with pytest.raises(ValueError, match="largest taken"):
+        prepare_image(Image.new("L", (20_000, 20_000)), (64, 64))  # refused from its size, not decoded
+    with pytest.raises(ValueError, match="empty"):
+        prepare_image(Image.new("RGB", (0, 10)), (64, 64))
+    grey, note = prepare_image(Image.new("L", (64, 64), 128), (64, 64))
+    assert grey.mode == "RGB" and grey.getpixel((3, 3)) == (128, 128, 128) and "from L to RGB" in note
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    flat, note = prepare_image(clear, (64, 64))
+    assert flat.getpixel((10, 10)) == (255, 255, 255) and "transparency laid on white" in note
+    assert "32x32" in note
