@@ -378,11 +378,15 @@ class FeatureDiff(NamedTuple):
 def diff(
     dictionary, acts_a: torch.Tensor, acts_b: torch.Tensor, n: int = 10, *,
     steps: int | Sequence[int] | None = None, batch_a: int = 0, batch_b: int = 0,
+    rank: Literal["specific", "change"] = "specific",
 ) -> list[FeatureDiff]:  # fmt: skip
     """The `n` features whose activation mass differs most between two images (e.g. two prompts from one
-    seed), largest |change| first: what one word of a prompt changes inside the model.
+    seed): what one word of a prompt changes inside the model.
 
-    acts_a, acts_b: captured activations [steps, batch, tokens, d] of the same site and steps."""
+    acts_a, acts_b: captured activations [steps, batch, tokens, d] of the same site and steps.
+    rank: "specific" (default) orders by change^2 / (mass_a + mass_b), a change both large and specific
+    to one image; "change" by |change|, which puts dense, general features first (on 60 Shapes prompt
+    pairs the top feature detects the changed attribute in 88% against 75%; results/own_image.json)."""
     acts_a, acts_b = check_acts(dictionary, acts_a), check_acts(dictionary, acts_b)
     if acts_a.shape[0] != acts_b.shape[0] or acts_a.shape[2] != acts_b.shape[2]:
         raise ValueError(
@@ -394,7 +398,10 @@ def diff(
     chosen = step_index(acts_a, steps)
     mass_a = _mass(dictionary, acts_a[chosen, batch_index(acts_a, batch_a)])
     mass_b = _mass(dictionary, acts_b[chosen, batch_index(acts_b, batch_b)])
+    if rank not in ("specific", "change"):
+        raise ValueError(f"rank must be 'specific' or 'change', got {rank!r}.")
     change = mass_b - mass_a
-    order = change.abs().argsort(descending=True)[:n]
+    score = change**2 / (mass_a.abs() + mass_b.abs()).clamp_min(1e-12) if rank == "specific" else change.abs()
+    order = score.argsort(descending=True)[:n]
     return [FeatureDiff(int(f), float(mass_a[f]), float(mass_b[f]), float(change[f]))
             for f in order if change[f] != 0]  # fmt: skip

@@ -278,3 +278,27 @@ def test_pixels_map_to_the_tokens_that_cover_them_and_maps_average_the_chosen_st
     assert step_map(values, (2, 2), steps=[0, 2]).tolist() == [[4, 5], [6, 7]]
     with pytest.raises(ValueError, match="do not index the 3 steps"):
         step_map(values, (2, 2), steps=[3])
+
+
+def test_diff_of_two_prompts_puts_the_changed_words_features_first(sae, red_feature):
+    """One seed, "red" against "blue": the feature that detects red is among the few the default ranking
+    puts first, dropping in mass; the raw-change ranking, which favours dense general features, is asked
+    for by name; a bad ranking or a shape mismatch is refused."""
+    pipe = fluxsae.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    a = "a large red circle at the center on a white background"
+    acts = []
+    for prompt in (a, a.replace("red", "blue")):
+        with torch.no_grad(), fluxsae.capture(pipe, [SITE]) as captured:
+            pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="latent",
+                 **shapes.GENERATION_DEFAULTS)  # fmt: skip
+        acts.append(captured[SITE])
+    found = features.diff(sae, *acts, 3)
+    red = next(d for d in found if d.feature == red_feature)
+    assert red.mass_a > red.mass_b >= 0 and red.change == pytest.approx(red.mass_b - red.mass_a)
+    by_change = features.diff(sae, *acts, 3, rank="change")
+    assert abs(by_change[0].change) >= max(abs(d.change) for d in found)
+    with pytest.raises(ValueError, match="rank must be"):
+        features.diff(sae, *acts, rank="lift")
+    with pytest.raises(ValueError, match="captured alike"):
+        features.diff(sae, acts[0], acts[1][:4])
