@@ -164,7 +164,7 @@ def words_tab(ui: SimpleNamespace) -> None:
             ui.take_out = gr.Textbox(label="Take out (a word of the prompt)", elem_id="swap_out")
             ui.put_in = gr.Textbox(label="Put in", elem_id="swap_in")
         ui.only_words = gr.Textbox(
-            label="Only these words of the prompt (optional, e.g. 'red circle at the top left')",
+            label="Only one object (optional: a word or two of its phrase, e.g. 'red circle')",
             elem_id="swap_words",
         )
         ui.word_strength = views.lenient(

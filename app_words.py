@@ -16,7 +16,14 @@ from types import SimpleNamespace
 import app_views as views
 import fluxsae
 from fluxsae.regions import generate_pair
-from fluxsae.word_steering import MAX_STRENGTH, STRENGTH, WordSteering, shapes_captions, template_captions
+from fluxsae.word_steering import (
+    MAX_STRENGTH,
+    STRENGTH,
+    WordSteering,
+    phrase_of,
+    shapes_captions,
+    template_captions,
+)
 
 
 def make_word_actions(
@@ -74,7 +81,8 @@ def make_word_actions(
         tokens = None
         if str(words or "").strip():
             limit = int(defaults["max_sequence_length"])
-            tokens = fluxsae.word_steering.text_tokens(pipe, prompt, str(words).strip(), limit)
+            phrase = phrase_of(prompt, str(words))  # the object's whole phrase
+            tokens = fluxsae.word_steering.text_tokens(pipe, prompt, phrase, limit)
         return take_out, put_in, tokens, strength
 
     def steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, words, start):
@@ -85,7 +93,7 @@ def make_word_actions(
         parts = [
             views.features_used(used),
             f"strength {strength:g}, steps {steps[0]}-{steps[-1]}",
-            f"only {str(words).strip()!r}" if tokens is not None else "every word",
+            "every word" if tokens is None else f"only {phrase_of(prompt, str(words))!r}",
             "inside the painted region" if mask is not None else "the whole image",
             f"seed {seed}",
             f"{(time.perf_counter() - start) * 1000:.0f} ms",

@@ -397,8 +397,9 @@ def test_swapping_words_turns_the_object_and_says_what_it_used(shapes_app):
     assert np.array_equal(_pixels(original), _shown(pipe, plain.images))
     assert np.array_equal(_pixels(steered), _shown(pipe, edited.images))
     two = "a large red circle at the left and a small red square at the right on a white background"
-    only = _swap(client, prompt=two, words="red circle at the left")
-    assert "only 'red circle at the left'" in only[2]
+    only = _swap(client, prompt=two, words="red circle")  # the circle's whole phrase is steered
+    assert "only 'a large red circle at the left'" in only[2]
+    assert "blue circle" in only[4] and "red square" in only[4]
     assert _hooks(pipe) == 0
 
 

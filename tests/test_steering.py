@@ -296,7 +296,9 @@ BAD = {  # case: (make (dictionary, features) from the SAE, other steer argument
     "clamp on plain directions": (lambda sae: (plain_directions(), {0: 0.0}), {"mode": "clamp"}, "encodes"),
     "not a dictionary": (lambda sae: (sae.directions, {0: 1.0}), {}, "Tensor has no directions"),
     "a region named in words": (lambda sae: (sae, {3: 1.0}), {"region": "center"}, "must be a bool mask"),
-    "a token norm that overflows": (lambda sae: (sae, {3: 1.0}), {"mean_token_norm": 1e305}, "not a token norm"),
+    "a token norm that overflows": (
+        lambda sae: (sae, {3: 1.0}), {"mean_token_norm": 1e305}, "not a token norm"
+    ),
 }
 
 
@@ -342,3 +344,18 @@ def test_a_bad_entry_in_a_list_hooks_none_of_the_others(pipe, sae, plain):
             pass
     assert no_hooks_left(pipe)
     assert np.array_equal(image(pipe), plain)
+
+
+def test_one_objects_words_mean_its_whole_phrase():
+    """A swap restricted to "red circle" alone changes nothing (T5 spreads an object's attributes over its
+    phrase): the words are widened to the phrase that holds them, up to "and", punctuation or "on a"."""
+    from fluxsae.word_steering import phrase_of
+
+    two = "a large yellow triangle at the left and a small red circle at the bottom right on a white background"
+    assert phrase_of(two, "red circle") == "a small red circle at the bottom right"
+    assert phrase_of(two, "YELLOW") == "a large yellow triangle at the left"
+    assert phrase_of(two, "white  background") == "white background"
+    assert phrase_of("A red apple, with a blue pear.", "pear") == "a blue pear"
+    for missing in ("green", "red square", "", "circ"):
+        with pytest.raises(ValueError, match="is not in the prompt"):
+            phrase_of(two, missing)
