@@ -386,7 +386,7 @@ def diff(
     acts_a, acts_b: captured activations [steps, batch, tokens, d] of the same site and steps.
     rank: "specific" (default) orders by change^2 / (mass_a + mass_b), a change both large and specific
     to one image; "change" by |change|, which puts dense, general features first (on 60 Shapes prompt
-    pairs the top feature detects the changed attribute in 88% against 75%; results/own_image.json)."""
+    pairs the top feature detects the changed attribute in 90% against 75%; results/own_image.json)."""
     acts_a, acts_b = check_acts(dictionary, acts_a), check_acts(dictionary, acts_b)
     if acts_a.shape[0] != acts_b.shape[0] or acts_a.shape[2] != acts_b.shape[2]:
         raise ValueError(

@@ -351,10 +351,10 @@ def test_one_objects_words_mean_its_whole_phrase():
     phrase): the words are widened to the phrase that holds them, up to "and", punctuation or "on a"."""
     from fluxsae.word_steering import phrase_of
 
-    two = "a large yellow triangle at the left and a small red circle at the bottom right on a white background"
+    two = "a large yellow triangle at the left and a small red circle at the bottom right on a white ground"
     assert phrase_of(two, "red circle") == "a small red circle at the bottom right"
     assert phrase_of(two, "YELLOW") == "a large yellow triangle at the left"
-    assert phrase_of(two, "white  background") == "white background"
+    assert phrase_of(two, "white  ground") == "white ground"
     assert phrase_of("A red apple, with a blue pear.", "pear") == "a blue pear"
     for missing in ("green", "red square", "", "circ"):
         with pytest.raises(ValueError, match="is not in the prompt"):
