@@ -135,7 +135,7 @@ def make_image_actions(pipe, defaults: dict, release: views.Dictionaries, base, 
         start = time.perf_counter()
         image, note = own(image)
         prompt, seed, strength = base.check_prompt(prompt), base.check_seed(seed), check_noise(strength)
-        take_out, put_in, tokens, word_strength = words.check_swap(
+        take_out, put_in, _, tokens, word_strength = words.check_swap(
             prompt, take_out, put_in, only_words, word_strength
         )
         chosen = None

@@ -72,20 +72,21 @@ def make_word_actions(
         return word
 
     def check_swap(prompt: str, take_out, put_in, words, strength):
-        """(take_out, put_in, text-token mask or None, strength), checked against the prompt."""
+        """(take_out, put_in, the object's phrase or None, its text-token mask or None, strength), checked
+        against the prompt; `words` (a word or two of one object) are widened to their phrase."""
         take_out, put_in = check_word(take_out, "to take out"), check_word(put_in, "to put in")
         said = f" {' '.join(re.findall(r'[a-z0-9]+', prompt.lower()))} "
         if take_out is not None and f" {take_out} " not in said:
             raise ValueError(f"The prompt does not say {take_out!r}: take out a word it says.")
         strength = views.check_number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
-        tokens = None
+        phrase = tokens = None
         if str(words or "").strip():
             limit = int(defaults["max_sequence_length"])
             phrase = phrase_of(prompt, str(words))  # the object's whole phrase
             tokens = fluxsae.word_steering.text_tokens(pipe, prompt, phrase, limit)
-        return take_out, put_in, tokens, strength
+        return take_out, put_in, phrase, tokens, strength
 
-    def steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, words, start):
+    def steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, phrase, start):
         """The swap's images and the outputs the panel shows (original, steered, statistics, reads)."""
         with base.lock:
             plain, steered, used = swap_images(prompt, seed, take_out, put_in, strength, steps, tokens, mask)
@@ -93,7 +94,7 @@ def make_word_actions(
         parts = [
             views.features_used(used),
             f"strength {strength:g}, steps {steps[0]}-{steps[-1]}",
-            "every word" if tokens is None else f"only {phrase_of(prompt, str(words))!r}",
+            "every word" if phrase is None else f"only {phrase!r}",
             "inside the painted region" if mask is not None else "the whole image",
             f"seed {seed}",
             f"{(time.perf_counter() - start) * 1000:.0f} ms",
@@ -108,11 +109,11 @@ def make_word_actions(
         start = time.perf_counter()
         prompt, seed = base.check_prompt(prompt), base.check_seed(seed)
         steps = base.step_range(first, n_steps - 1 if last in (None, "") else last)
-        take_out, put_in, tokens, strength = check_swap(prompt, take_out, put_in, words, strength)
+        take_out, put_in, phrase, tokens, strength = check_swap(prompt, take_out, put_in, words, strength)
         if take_out is None and put_in is None:
             raise ValueError("Name a word to take out, a word to put in, or both (e.g. red and blue).")
         mask = views.region_mask(region, size)
-        return steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, words, start)
+        return steered_pair(prompt, seed, take_out, put_in, strength, steps, tokens, mask, phrase, start)
 
     @base.user_errors("Steering A towards B")
     def on_towards(prompt_a, prompt_b, seed, strength=STRENGTH):
@@ -121,7 +122,7 @@ def make_word_actions(
         prompt_a, prompt_b = base.check_prompt(prompt_a), base.check_prompt(prompt_b)
         seed = base.check_seed(seed)
         take_out, put_in = changed_words(prompt_a, prompt_b)
-        take_out, put_in, tokens, strength = check_swap(prompt_a, take_out, put_in, None, strength)
+        take_out, put_in, _, _, strength = check_swap(prompt_a, take_out, put_in, None, strength)
         steps = list(range(n_steps))
         return steered_pair(prompt_a, seed, take_out, put_in, strength, steps, None, None, None, start)
 
